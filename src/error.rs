@@ -1,0 +1,93 @@
+//! One error type for the whole crate. Its `kind` is what the C ABI maps to a status
+//! and what the metrics count under `errors_total{kind=…}`.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A caller passed something unusable (bad setting, NULL, empty name).
+    InvalidArgument,
+    /// Reading or writing a file failed.
+    Io,
+    /// A file or config is malformed: corrupt safetensors, bad JSON, missing field.
+    Format,
+    /// Tensor shapes do not fit together (B·A vs base, rank of A vs rank of B, …).
+    Shape,
+    /// NaN or Inf in an adapter tensor.
+    NonFinite,
+    /// Valid input the library refuses on purpose (pickle weights, a dtype it cannot read, …).
+    Unsupported,
+    /// Adapter modules that match no base tensor (or several), or no module at all.
+    BaseMismatch,
+    /// A configured limit (file size, header size, rank, dimension) was exceeded.
+    Limit,
+    /// The CUDA backend was asked for and cannot run.
+    Cuda,
+    /// A bug or numerical failure inside the library.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Stable lower-case label, used in JSON and in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::Io => "io",
+            ErrorKind::Format => "format",
+            ErrorKind::Shape => "shape",
+            ErrorKind::NonFinite => "non_finite",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::BaseMismatch => "base_mismatch",
+            ErrorKind::Limit => "limit",
+            ErrorKind::Cuda => "cuda",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    /// An I/O error on `path`, keeping the OS's words.
+    pub fn io(path: &std::path::Path, err: std::io::Error) -> Self {
+        Error::new(ErrorKind::Io, format!("{}: {err}", path.display()))
+    }
+    /// Prefix the message with context (a file, a module) and keep the kind.
+    pub fn context(self, what: impl fmt::Display) -> Self {
+        Error::new(self.kind, format!("{what}: {}", self.message))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// `bail!(Kind, "fmt", args…)` returns an `Err(Error)` of that kind.
+#[macro_export]
+macro_rules! bail {
+    ($kind:ident, $($arg:tt)*) => {
+        return Err($crate::error::Error::new($crate::error::ErrorKind::$kind, format!($($arg)*)))
+    };
+}

@@ -1,0 +1,7 @@
+//! intruder-gate: screens LoRA adapters for intruder dimensions at load time.
+
+pub mod error;
+pub mod limits;
+pub mod tensor;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,124 @@
+//! Element types and borrowed 2-D tensors, and their conversion to the f32/f64 the maths uses.
+
+use crate::bail;
+use crate::error::Result;
+use half::{bf16, f16};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::F64 => 8,
+        }
+    }
+    /// The safetensors spelling ("F32", "F16", "BF16", "F64").
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F64 => "F64",
+        }
+    }
+    /// `None` for dtypes we do not do maths on (integers, bool, fp8, …).
+    pub fn from_safetensors_name(name: &str) -> Option<DType> {
+        match name {
+            "F32" => Some(DType::F32),
+            "F16" => Some(DType::F16),
+            "BF16" => Some(DType::BF16),
+            "F64" => Some(DType::F64),
+            _ => None,
+        }
+    }
+}
+
+/// A row-major 2-D tensor borrowed from a memory map or from the host's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorRef<'a> {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> TensorRef<'a> {
+    /// Checks that `bytes` holds exactly `rows × cols` elements of `dtype`.
+    pub fn new(dtype: DType, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self> {
+        let want = rows
+            .checked_mul(cols)
+            .and_then(|n| n.checked_mul(dtype.size()));
+        if want != Some(bytes.len()) {
+            bail!(
+                Shape,
+                "tensor of shape [{rows}, {cols}] {dtype:?} needs {want:?} bytes, got {}",
+                bytes.len()
+            );
+        }
+        Ok(TensorRef {
+            dtype,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` (row-major) as f64. Unaligned-safe: reads little-endian bytes.
+    #[inline]
+    fn get(&self, i: usize) -> f64 {
+        let b = self.bytes;
+        match self.dtype {
+            DType::F32 => f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as f64,
+            DType::F64 => f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap()),
+            DType::F16 => f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64(),
+            DType::BF16 => bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64(),
+        }
+    }
+
+    /// All elements as f64, row-major.
+    pub fn to_f64(&self) -> Vec<f64> {
+        (0..self.len()).map(|i| self.get(i)).collect()
+    }
+
+    /// All elements as f32, row-major (f64 inputs are rounded).
+    pub fn to_f32(&self) -> Vec<f32> {
+        (0..self.len()).map(|i| self.get(i) as f32).collect()
+    }
+
+    /// The first non-finite element, as (row, col), if any.
+    pub fn first_non_finite(&self) -> Option<(usize, usize)> {
+        (0..self.len())
+            .find(|&i| !self.get(i).is_finite())
+            .map(|i| (i / self.cols, i % self.cols))
+    }
+}
+
+/// Encodes f32 values as little-endian bytes of `dtype` (for writing adapters and caches).
+pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    for &v in values {
+        match dtype {
+            DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            DType::F64 => out.extend_from_slice(&(v as f64).to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+    out
+}
