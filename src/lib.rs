@@ -5,3 +5,6 @@ pub mod limits;
 pub mod tensor;
 
 pub use error::{Error, ErrorKind, Result};
+pub mod backend;
+pub mod metrics;
+pub mod spectrum;

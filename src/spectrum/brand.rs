@@ -1,0 +1,264 @@
+//! Brand's low-rank SVD update: the top singular triplets of `W' = W0 + s·B·A` from the cached
+//! thin SVD of `W0` (DESIGN.md, "The fast exact method").
+//!
+//! `W' = [U0 P_B] · K · [V0 P_A]ᵀ` with `K = diag(Σ0, 0) + s·[M_B; R_B]·[M_A; R_A]ᵀ`. Because
+//! `U0ᵀ P_B = 0`, the cosines of a left singular vector `u'_j = [U0 P_B] x_j` with every base vector
+//! are simply the first ρ entries of `x_j`.
+
+use super::krylov::{self, KrylovSettings, Operator, Triplets};
+use crate::backend::{Backend, Spectrum};
+use crate::error::Result;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatMut, MatRef, Par};
+
+/// One LoRA update seen from the base spectrum's side.
+pub struct Update<'a> {
+    /// Base spectrum in W0's orientation (rows = out, cols = in).
+    pub base: &'a Spectrum,
+    /// `A`, r×in row-major.
+    pub a: &'a [f32],
+    /// `B`, out×r row-major.
+    pub b: &'a [f32],
+    pub rank: usize,
+    pub scale: f64,
+}
+
+/// The Brand quantities: enough to decide (cosines) and to rebuild `u'_j`, `v'_j` for a clamp.
+pub struct BrandSolution {
+    pub rho: usize,
+    /// Top triplets of K: `x` is (ρ+p_B)×n, `y` is (ρ+p_A)×n.
+    pub triplets: Triplets,
+    /// Orthonormal residual bases outside the base spans: out×p_B and in×p_A.
+    pub p_b: Mat<f64>,
+    pub p_a: Mat<f64>,
+    /// "krylov" or "dense-core" (the Krylov solve did not converge in budget).
+    pub solver: &'static str,
+}
+
+impl BrandSolution {
+    /// `max_i |⟨u0_i, u'_j⟩|` for every returned j.
+    pub fn max_cos(&self) -> Vec<f64> {
+        let x = &self.triplets.x;
+        (0..x.ncols())
+            .map(|j| (0..self.rho).map(|i| x[(i, j)].abs()).fold(0.0, f64::max))
+            .collect()
+    }
+
+    /// `‖X[ρ:, j]‖`: the part of `u'_j` outside the base's column space.
+    pub fn outside_base_span(&self) -> Vec<f64> {
+        let x = &self.triplets.x;
+        (0..x.ncols())
+            .map(|j| {
+                (self.rho..x.nrows())
+                    .map(|i| x[(i, j)].powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect()
+    }
+
+    /// `u'_j` (out) and `v'_j` (in) in the original coordinates.
+    pub fn singular_vectors(&self, base: &Spectrum, j: usize) -> (Vec<f64>, Vec<f64>) {
+        let u = lift(
+            &base.u,
+            base.rows,
+            self.rho,
+            &self.p_b,
+            self.triplets.x.col(j),
+        );
+        let v = lift(
+            &base.v,
+            base.cols,
+            self.rho,
+            &self.p_a,
+            self.triplets.y.col(j),
+        );
+        (u, v)
+    }
+}
+
+/// `[basis P] · c` where `basis` holds ρ vectors of length n as rows.
+fn lift(basis: &[f32], n: usize, rho: usize, p: &Mat<f64>, c: faer::ColRef<'_, f64>) -> Vec<f64> {
+    let mut out = vec![0.0; n];
+    for i in 0..rho {
+        let ci = c[i];
+        if ci != 0.0 {
+            for (o, &b) in out.iter_mut().zip(&basis[i * n..(i + 1) * n]) {
+                *o += ci * b as f64;
+            }
+        }
+    }
+    for k in 0..p.ncols() {
+        let ck = c[rho + k];
+        for (t, o) in out.iter_mut().enumerate() {
+            *o += ck * p[(t, k)];
+        }
+    }
+    out
+}
+
+/// The core `K = diag(Σ0, 0) + s·L·Rᵀ`, applied without forming it.
+struct Core {
+    sigma0: Vec<f64>,
+    l: Mat<f64>,
+    r: Mat<f64>,
+    scale: f64,
+}
+
+impl Core {
+    fn diag_plus_low_rank(
+        &self,
+        v: MatRef<'_, f64>,
+        left: &Mat<f64>,
+        right: &Mat<f64>,
+        mut out: MatMut<'_, f64>,
+    ) {
+        out.fill(0.0);
+        for j in 0..v.ncols() {
+            for (i, &s) in self.sigma0.iter().enumerate() {
+                out[(i, j)] = s * v[(i, j)];
+            }
+        }
+        let inner = right.transpose() * v;
+        matmul(
+            out,
+            Accum::Add,
+            left.as_ref(),
+            inner.as_ref(),
+            self.scale,
+            Par::Seq,
+        );
+    }
+
+    fn dense(&self) -> Mat<f64> {
+        let mut k = &self.l * self.r.transpose() * faer::Scale(self.scale);
+        for (i, &s) in self.sigma0.iter().enumerate() {
+            k[(i, i)] += s;
+        }
+        k
+    }
+}
+
+impl Operator for Core {
+    fn rows(&self) -> usize {
+        self.l.nrows()
+    }
+    fn cols(&self) -> usize {
+        self.r.nrows()
+    }
+    fn apply(&self, y: MatRef<'_, f64>, out: MatMut<'_, f64>) {
+        self.diag_plus_low_rank(y, &self.l, &self.r, out);
+    }
+    fn apply_t(&self, x: MatRef<'_, f64>, out: MatMut<'_, f64>) {
+        self.diag_plus_low_rank(x, &self.r, &self.l, out);
+    }
+}
+
+/// Splits an n×r factor into its coordinates in the base basis (ρ×r) and an orthonormal
+/// residual basis with its coefficients (n×p, p×r). `basis` has ρ vectors of length n as rows.
+fn split(
+    backend: &dyn Backend,
+    basis: &[f32],
+    rho: usize,
+    n: usize,
+    f: &[f32],
+    r: usize,
+) -> Result<(Mat<f64>, Mat<f64>, Mat<f64>)> {
+    let coords = backend.project(basis, rho, n, f, r)?;
+    let mut m = Mat::<f64>::from_fn(rho, r, |i, j| coords[i * r + j] as f64);
+    if rho == n {
+        // The base vectors span all of R^n: nothing lies outside.
+        return Ok((m, Mat::zeros(n, 0), Mat::zeros(0, r)));
+    }
+    let fm = MatRef::from_row_major_slice(f, n, r);
+    let bt = MatRef::from_row_major_slice(basis, rho, n);
+    let mut res = Mat::<f64>::from_fn(n, r, |i, j| fm[(i, j)] as f64);
+    let f_norm = res.norm_l2();
+    // Two passes of classical Gram–Schmidt against the base vectors keep the residual
+    // orthogonal to them even when it is small relative to the factor.
+    for pass in 0..2 {
+        let coef = if pass == 0 {
+            m.clone()
+        } else {
+            let res32 = Mat::<f32>::from_fn(n, r, |i, j| res[(i, j)] as f32);
+            let c = bt * res32.as_ref();
+            let c64 = Mat::<f64>::from_fn(rho, r, |i, j| c[(i, j)] as f64);
+            m += &c64;
+            c64
+        };
+        let coef32 = Mat::<f32>::from_fn(rho, r, |i, j| coef[(i, j)] as f32);
+        let back = bt.transpose() * coef32.as_ref();
+        for i in 0..n {
+            for j in 0..r {
+                res[(i, j)] -= back[(i, j)] as f64;
+            }
+        }
+    }
+    if res.norm_l2() <= 1e-7 * f_norm {
+        return Ok((m, Mat::zeros(n, 0), Mat::zeros(0, r)));
+    }
+    let qr = res.qr();
+    let p = qr.compute_thin_Q();
+    let rr = qr.thin_R().to_owned();
+    Ok((m, p, rr))
+}
+
+/// Stacks `[top; bottom]` (same column count).
+fn stack(top: &Mat<f64>, bottom: &Mat<f64>) -> Mat<f64> {
+    let (t, c) = (top.nrows(), top.ncols());
+    Mat::from_fn(t + bottom.nrows(), c, |i, j| {
+        if i < t {
+            top[(i, j)]
+        } else {
+            bottom[(i - t, j)]
+        }
+    })
+}
+
+/// Solves for the top `want` triplets of `W'`.
+pub fn solve(
+    backend: &dyn Backend,
+    up: &Update<'_>,
+    want: usize,
+    settings: &KrylovSettings,
+) -> Result<BrandSolution> {
+    let base = up.base;
+    let (out, inn, rho, r) = (base.rows, base.cols, base.rank(), up.rank);
+    // Aᵀ as in×r row-major.
+    let at: Vec<f32> = (0..inn)
+        .flat_map(|i| (0..r).map(move |j| up.a[j * inn + i]))
+        .collect();
+    let (m_b, p_b, r_b) = split(backend, &base.u, rho, out, up.b, r)?;
+    let (m_a, p_a, r_a) = split(backend, &base.v, rho, inn, &at, r)?;
+    let core = Core {
+        sigma0: base.s.iter().map(|&s| s as f64).collect(),
+        l: stack(&m_b, &r_b),
+        r: stack(&m_a, &r_a),
+        scale: up.scale,
+    };
+    let (triplets, solver) = match krylov::top_triplets(&core, want, settings) {
+        Some(t) => (t, "krylov"),
+        None => (dense_top(&core.dense(), want)?, "dense-core"),
+    };
+    Ok(BrandSolution {
+        rho,
+        triplets,
+        p_b,
+        p_a,
+        solver,
+    })
+}
+
+/// Top `want` triplets of a dense matrix (fallback and reference).
+pub fn dense_top(k: &Mat<f64>, want: usize) -> Result<Triplets> {
+    let svd = match k.thin_svd() {
+        Ok(s) => s,
+        Err(e) => crate::bail!(Internal, "dense SVD did not converge: {e:?}"),
+    };
+    let n = want.min(svd.S().column_vector().nrows());
+    Ok(Triplets {
+        sigma: (0..n).map(|j| svd.S().column_vector()[j]).collect(),
+        x: svd.U().subcols(0, n).to_owned(),
+        y: svd.V().subcols(0, n).to_owned(),
+    })
+}

@@ -1,0 +1,272 @@
+//! Top singular triplets of a matrix given only as an operator (y ↦ K y, x ↦ Kᵀ x).
+//!
+//! Block Krylov on `G = K Kᵀ` with full re-orthogonalisation and Rayleigh–Ritz on `Zᵀ Z`,
+//! `Z = Kᵀ Q`. It stops on a residual test, never on an iteration count:
+//! `‖K y − σ x‖ ≤ tol·σ₁` for every returned triplet. A block (not a single vector) keeps
+//! exactly repeated singular values from hiding each other.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
+
+/// A linear operator from `R^cols` to `R^rows`, applied to blocks of column vectors.
+pub trait Operator {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// `out = K · y` (y: cols×b, out: rows×b).
+    fn apply(&self, y: MatRef<'_, f64>, out: MatMut<'_, f64>);
+    /// `out = Kᵀ · x` (x: rows×b, out: cols×b).
+    fn apply_t(&self, x: MatRef<'_, f64>, out: MatMut<'_, f64>);
+}
+
+/// Top singular triplets, descending: `x` rows×n, `y` cols×n.
+pub struct Triplets {
+    pub sigma: Vec<f64>,
+    pub x: Mat<f64>,
+    pub y: Mat<f64>,
+}
+
+pub struct KrylovSettings {
+    /// Relative residual tolerance (to σ₁).
+    pub tol: f64,
+    /// Largest Krylov basis (columns) before giving up.
+    pub max_dim: usize,
+    pub seed: u64,
+}
+
+/// Runs the solve for the top `want` triplets; `None` when the residual test is not met within
+/// `max_dim` basis vectors (the caller falls back to a dense SVD and says so).
+pub fn top_triplets(op: &dyn Operator, want: usize, s: &KrylovSettings) -> Option<Triplets> {
+    let n = op.rows();
+    let want = want.min(n).min(op.cols());
+    if want == 0 {
+        return Some(Triplets {
+            sigma: vec![],
+            x: Mat::zeros(n, 0),
+            y: Mat::zeros(op.cols(), 0),
+        });
+    }
+    let block = want.clamp(2, 16).min(n);
+    let max_dim = s.max_dim.min(n).max(block);
+    let mut q = Mat::<f64>::zeros(n, max_dim);
+    let mut z = Mat::<f64>::zeros(op.cols(), max_dim);
+    let mut w = Mat::<f64>::zeros(n, max_dim);
+    let mut t = Mat::<f64>::zeros(max_dim, max_dim);
+
+    let mut next = seeded_block(n, block, s.seed);
+    let mut m = 0;
+    loop {
+        let m0 = m;
+        let added = orthonormalize_into(q.as_mut(), m, next.as_ref());
+        let exhausted = added == 0;
+        if !exhausted {
+            let m1 = m + added;
+            op.apply_t(
+                q.as_ref().subcols(m0, added),
+                z.as_mut().subcols_mut(m0, added),
+            );
+            op.apply(
+                z.as_ref().subcols(m0, added),
+                w.as_mut().subcols_mut(m0, added),
+            );
+            // T = Zᵀ Z, extended by the new columns (and their mirror).
+            let zt_new = z.as_ref().subcols(0, m1).transpose() * z.as_ref().subcols(m0, added);
+            for i in 0..m1 {
+                for j in 0..added {
+                    t[(i, m0 + j)] = zt_new[(i, j)];
+                    t[(m0 + j, i)] = zt_new[(i, j)];
+                }
+            }
+            m = m1;
+        }
+        if m >= want || exhausted {
+            let result = rayleigh_ritz(&q, &z, &w, &t, m, want);
+            let full = exhausted || m >= n;
+            if full || result.1 <= s.tol * result.0.sigma.first().copied().unwrap_or(0.0) {
+                return Some(result.0);
+            }
+        }
+        if exhausted || m + 1 > max_dim {
+            return None;
+        }
+        // The next block is G times the newest one, which `w` already holds.
+        next = w.as_ref().subcols(m0, added.min(max_dim - m)).to_owned();
+    }
+}
+
+/// Ritz triplets from the basis, and the largest residual among the top `want`.
+fn rayleigh_ritz(
+    q: &Mat<f64>,
+    z: &Mat<f64>,
+    w: &Mat<f64>,
+    t: &Mat<f64>,
+    m: usize,
+    want: usize,
+) -> (Triplets, f64) {
+    let tm = t.as_ref().submatrix(0, 0, m, m).to_owned();
+    let eig = tm
+        .self_adjoint_eigen(Side::Lower)
+        .expect("eigen-decomposition of a small symmetric matrix");
+    let vals = eig.S().column_vector();
+    let vecs = eig.U();
+    let take = want.min(m);
+    // faer returns ascending eigenvalues: take the last `take`, largest first.
+    let idx: Vec<usize> = (0..take).map(|j| m - 1 - j).collect();
+    let mut coeff = Mat::<f64>::zeros(m, take);
+    let mut sigma = Vec::with_capacity(take);
+    for (c, &i) in idx.iter().enumerate() {
+        sigma.push(vals[i].max(0.0).sqrt());
+        for r in 0..m {
+            coeff[(r, c)] = vecs[(r, i)];
+        }
+    }
+    let x = q.as_ref().subcols(0, m) * &coeff;
+    let zc = z.as_ref().subcols(0, m) * &coeff;
+    let wc = w.as_ref().subcols(0, m) * &coeff;
+    let mut y = zc;
+    let mut worst: f64 = 0.0;
+    for (c, &sig) in sigma.iter().enumerate() {
+        if sig > 0.0 {
+            // ‖K y − σ x‖ with y = Kᵀx/σ equals ‖G x − σ² x‖/σ.
+            let res = (0..x.nrows())
+                .map(|r| (wc[(r, c)] - sig * sig * x[(r, c)]).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                / sig;
+            worst = worst.max(res);
+            for r in 0..y.nrows() {
+                y[(r, c)] /= sig;
+            }
+        }
+    }
+    (Triplets { sigma, x, y }, worst)
+}
+
+/// Orthonormalises `new` against the first `m` columns of `q` (two Gram–Schmidt passes) and
+/// among itself, appending what survives after column `m`. Returns how many columns were added.
+fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -> usize {
+    let cap = q.ncols() - m;
+    let mut added = 0;
+    for j in 0..new.ncols() {
+        if added == cap {
+            break;
+        }
+        let mut v: Vec<f64> = (0..new.nrows()).map(|r| new[(r, j)]).collect();
+        let norm0 = norm(&v);
+        if norm0 == 0.0 {
+            continue;
+        }
+        for _ in 0..2 {
+            let basis = q.as_ref().subcols(0, m + added);
+            let vm = MatRef::from_column_major_slice(&v, v.len(), 1);
+            let coef = basis.transpose() * vm;
+            let mut corr = Mat::<f64>::zeros(v.len(), 1);
+            matmul(
+                corr.as_mut(),
+                Accum::Replace,
+                basis,
+                coef.as_ref(),
+                1.0,
+                Par::Seq,
+            );
+            for (r, x) in v.iter_mut().enumerate() {
+                *x -= corr[(r, 0)];
+            }
+        }
+        let nv = norm(&v);
+        // A column that is (numerically) inside the span adds nothing.
+        if nv <= 1e-10 * norm0 {
+            continue;
+        }
+        for (r, x) in v.iter().enumerate() {
+            q[(r, m + added)] = x / nv;
+        }
+        added += 1;
+    }
+    added
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// A deterministic pseudo-random start block (splitmix64), so both runs and backends agree.
+fn seeded_block(n: usize, b: usize, seed: u64) -> Mat<f64> {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    Mat::from_fn(n, b, |_, _| next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dense(Mat<f64>);
+    impl Operator for Dense {
+        fn rows(&self) -> usize {
+            self.0.nrows()
+        }
+        fn cols(&self) -> usize {
+            self.0.ncols()
+        }
+        fn apply(&self, y: MatRef<'_, f64>, mut out: MatMut<'_, f64>) {
+            out.copy_from(&self.0 * y);
+        }
+        fn apply_t(&self, x: MatRef<'_, f64>, mut out: MatMut<'_, f64>) {
+            out.copy_from(self.0.transpose() * x);
+        }
+    }
+
+    fn settings() -> KrylovSettings {
+        KrylovSettings {
+            tol: 1e-10,
+            max_dim: 400,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn matches_dense_svd_on_rectangular_matrices() {
+        for &(r, c) in &[(60, 40), (40, 60), (50, 50)] {
+            let a = Mat::<f64>::from_fn(r, c, |i, j| ((i * 31 + j * 17) % 23) as f64 / 23.0 - 0.4);
+            let svd = a.thin_svd().unwrap();
+            let got = top_triplets(&Dense(a.clone()), 5, &settings()).unwrap();
+            for j in 0..5 {
+                let want = svd.S().column_vector()[j];
+                assert!((got.sigma[j] - want).abs() <= 1e-9 * want, "σ{j}");
+                let cos: f64 = (0..r).map(|i| got.x[(i, j)] * svd.U()[(i, j)]).sum();
+                assert!((cos.abs() - 1.0).abs() < 1e-8, "u{j}: |cos| {cos}");
+            }
+        }
+    }
+
+    #[test]
+    fn finds_both_copies_of_a_repeated_singular_value() {
+        let mut a = Mat::<f64>::zeros(30, 30);
+        for i in 0..30 {
+            a[(i, i)] = if i < 3 { 5.0 } else { 1.0 / (i as f64) };
+        }
+        let got = top_triplets(&Dense(a), 4, &settings()).unwrap();
+        for j in 0..3 {
+            assert!((got.sigma[j] - 5.0).abs() < 1e-10);
+        }
+        assert!(got.sigma[3] < 1.0);
+    }
+
+    #[test]
+    fn gives_up_instead_of_returning_unconverged_vectors() {
+        let a = Mat::<f64>::from_fn(200, 200, |i, j| ((i * 7 + j * 13) % 29) as f64 - 14.0);
+        let s = KrylovSettings {
+            tol: 1e-14,
+            max_dim: 12,
+            seed: 3,
+        };
+        assert!(top_triplets(&Dense(a), 10, &s).is_none());
+    }
+}
