@@ -1,10 +1,24 @@
 //! intruder-gate: screens LoRA adapters for intruder dimensions at load time.
+//!
+//! Flow: parse ([`adapter`], [`base`]) → map to base → base spectrum ([`spectrum::cache`]) →
+//! update ([`spectrum::brand`]) → verdict ([`report`]) → metrics ([`metrics`]).
 
+pub mod adapter;
+pub mod backend;
+pub mod base;
+pub mod config;
+pub mod demo;
 pub mod error;
+pub mod gate;
 pub mod limits;
+pub mod metrics;
+pub mod report;
+pub mod safetensors_file;
+pub mod spectrum;
+pub mod synth;
 pub mod tensor;
 
+pub use config::Config;
 pub use error::{Error, ErrorKind, Result};
-pub mod backend;
-pub mod metrics;
-pub mod spectrum;
+pub use gate::Gate;
+pub use report::{Report, Verdict};

@@ -1,4 +1,6 @@
 //! Base spectra and the top singular triplets of adapted weights.
 
 pub mod brand;
+pub mod cache;
+pub mod dense;
 pub mod krylov;

@@ -1,0 +1,156 @@
+//! LoRA adapters: PEFT directories on disk, or modules a host hands over in memory.
+//! Everything here is validated before any maths runs on it.
+
+pub mod config;
+mod load;
+
+pub use config::AdapterConfig;
+pub use load::load_peft_dir;
+
+use crate::bail;
+use crate::error::Result;
+use crate::limits::Limits;
+use crate::tensor::DType;
+use std::path::PathBuf;
+
+/// One adapted matrix: ΔW = scale · B · A.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModule {
+    /// Module path, `base_model.model.` stripped, no `.lora_A.weight`.
+    pub name: String,
+    pub rank: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// `[rank, in]`, row-major.
+    pub a: Vec<f32>,
+    /// `[out, rank]`, row-major.
+    pub b: Vec<f32>,
+    pub alpha: f64,
+    pub scale: f64,
+    /// Stored dtype of A and B.
+    pub dtype: DType,
+}
+
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// The directory's name, or the host's name for it.
+    pub name: String,
+    pub path: Option<PathBuf>,
+    pub config: Option<AdapterConfig>,
+    /// Sorted by name.
+    pub modules: Vec<LoraModule>,
+    /// Base weights are stored `[in, out]`; the screen transposes them.
+    pub fan_in_fan_out: bool,
+}
+
+impl Adapter {
+    /// For in-memory adapters built by a host (no config file); runs the same validation as
+    /// [`load_peft_dir`].
+    pub fn from_modules(name: &str, modules: Vec<LoraModule>, limits: &Limits) -> Result<Self> {
+        let adapter = Adapter {
+            name: name.to_string(),
+            path: None,
+            config: None,
+            modules,
+            fan_in_fan_out: false,
+        };
+        adapter.validate(limits)
+    }
+
+    /// Checks every module, sorts them and refuses empty or repeated ones.
+    fn validate(mut self, limits: &Limits) -> Result<Self> {
+        if self.modules.is_empty() {
+            bail!(
+                BaseMismatch,
+                "adapter {} has no LoRA modules: it touches no base tensor",
+                self.name
+            );
+        }
+        for m in &self.modules {
+            validate_module(m, limits).map_err(|e| e.context(format!("adapter {}", self.name)))?;
+        }
+        self.modules.sort_by(|x, y| x.name.cmp(&y.name));
+        if let Some(w) = self.modules.windows(2).find(|w| w[0].name == w[1].name) {
+            bail!(
+                Format,
+                "adapter {}: module {} appears more than once",
+                self.name,
+                w[0].name
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// Rank, limits, buffer sizes and finiteness of one module.
+pub fn validate_module(m: &LoraModule, limits: &Limits) -> Result<()> {
+    let name = &m.name;
+    if m.rank == 0 {
+        bail!(
+            Shape,
+            "module {name}: rank 0; a LoRA rank must be at least 1"
+        );
+    }
+    if m.rank > limits.max_rank {
+        bail!(
+            Limit,
+            "module {name}: rank {} is over the limit of {} (max_rank)",
+            m.rank,
+            limits.max_rank
+        );
+    }
+    for (what, d) in [
+        ("in_features", m.in_features),
+        ("out_features", m.out_features),
+    ] {
+        if d == 0 {
+            bail!(Shape, "module {name}: {what} is 0");
+        }
+        if d > limits.max_dim {
+            bail!(
+                Limit,
+                "module {name}: {what} {d} is over the limit of {} (max_dim)",
+                limits.max_dim
+            );
+        }
+    }
+    // Both products are bounded by max_rank · max_dim, far from overflow.
+    if m.a.len() != m.rank * m.in_features {
+        bail!(
+            Shape,
+            "module {name}: lora_A holds {} values, expected rank {} × in_features {}",
+            m.a.len(),
+            m.rank,
+            m.in_features
+        );
+    }
+    if m.b.len() != m.out_features * m.rank {
+        bail!(
+            Shape,
+            "module {name}: lora_B holds {} values, expected out_features {} × rank {}",
+            m.b.len(),
+            m.out_features,
+            m.rank
+        );
+    }
+    for (what, values, cols) in [("lora_A", &m.a, m.in_features), ("lora_B", &m.b, m.rank)] {
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!(
+                NonFinite,
+                "module {name}: {what} has non-finite value {} at (row {}, col {})",
+                values[i],
+                i / cols,
+                i % cols
+            );
+        }
+    }
+    if !m.scale.is_finite() || !m.alpha.is_finite() {
+        bail!(
+            NonFinite,
+            "module {name}: alpha {} and scale {} must be finite",
+            m.alpha,
+            m.scale
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,665 @@
+//! The gate: a base model attached once, a base-spectrum cache, a backend, metrics; screens any
+//! number of adapters, from many threads at once. Data flows one way:
+//! parse → map to base → base spectrum → update → verdict → metrics.
+
+use crate::adapter::{self, Adapter, LoraModule};
+use crate::backend::{self, Backend, Spectrum};
+use crate::base::{mapping, BaseModel};
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::{CacheResult, Info, Metrics, MetricsConfig, ScreenOutcome};
+use crate::report::{classify, Method, ModuleReport, Report, Verdict, SCHEMA_VERSION};
+use crate::spectrum::brand::{self, Update};
+use crate::spectrum::cache::{Key, Source, SpectrumCache};
+use crate::spectrum::dense;
+use crate::spectrum::krylov::KrylovSettings;
+use crate::tensor::{DType, TensorRef};
+use parking_lot::{Mutex, RwLock};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A base tensor the host keeps in its own memory (C ABI). The host guarantees it stays alive and
+/// unchanged while the gate lives.
+struct HostTensor {
+    ptr: *const u8,
+    len: usize,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+}
+
+// SAFETY: the memory is only read, and the host promises it outlives the gate unchanged.
+unsafe impl Send for HostTensor {}
+unsafe impl Sync for HostTensor {}
+
+#[derive(Default)]
+struct BaseSet {
+    model: Option<BaseModel>,
+    host: BTreeMap<String, HostTensor>,
+}
+
+impl BaseSet {
+    fn label(&self) -> String {
+        match &self.model {
+            Some(m) => m.path().display().to_string(),
+            None => "<host memory>".into(),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names = self
+            .model
+            .as_ref()
+            .map(|m| m.matrix_names())
+            .unwrap_or_default();
+        names.extend(self.host.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn matrix(&self, name: &str) -> Result<TensorRef<'_>> {
+        if let Some(h) = self.host.get(name) {
+            // SAFETY: see HostTensor.
+            let bytes = unsafe { std::slice::from_raw_parts(h.ptr, h.len) };
+            return TensorRef::new(h.dtype, h.rows, h.cols, bytes);
+        }
+        match &self.model {
+            Some(m) => m.matrix(name),
+            None => crate::bail!(BaseMismatch, "no base tensor named `{name}`"),
+        }
+    }
+}
+
+/// One module ready for the maths: validated and mapped.
+struct Job<'a> {
+    lora: &'a LoraModule,
+    base_tensor: String,
+    w0: TensorRef<'a>,
+    /// The stored base tensor is `[in, out]` (`fan_in_fan_out`).
+    transposed: bool,
+}
+
+pub struct Gate {
+    config: Config,
+    backend: Arc<dyn Backend>,
+    backend_fallback: Option<String>,
+    cache: SpectrumCache,
+    base: RwLock<BaseSet>,
+    keys: Mutex<HashMap<String, Key>>,
+    metrics: Metrics,
+    pool: rayon::ThreadPool,
+}
+
+impl Gate {
+    pub fn new(config: Config) -> Result<Gate> {
+        config.validate()?;
+        let selected = backend::select(config.backend, config.gpu_memory_bytes)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads)
+            .thread_name(|i| format!("intruder-gate-{i}"))
+            .build()
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("thread pool: {e}")))?;
+        let metrics = Metrics::new(
+            MetricsConfig::default(),
+            Info {
+                version: env!("CARGO_PKG_VERSION").into(),
+                backend: selected.backend.name().into(),
+                device: selected.backend.device(),
+            },
+        );
+        Ok(Gate {
+            cache: SpectrumCache::new(
+                config.cache_dir.clone(),
+                config.cache_dtype,
+                config.memory_cache_bytes,
+                config.limits,
+            ),
+            backend: selected.backend,
+            backend_fallback: selected.fallback_reason,
+            base: RwLock::new(BaseSet::default()),
+            keys: Mutex::new(HashMap::new()),
+            metrics,
+            pool,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Attaches a base model (safetensors file, or directory, sharded or not). Once per gate.
+    pub fn attach_base(&self, path: &Path) -> Result<()> {
+        let mut base = self.base.write();
+        if base.model.is_some() {
+            crate::bail!(
+                InvalidArgument,
+                "a base model is already attached to this gate"
+            );
+        }
+        // Opened before anything changes, so a failure leaves the gate as it was.
+        base.model = Some(BaseModel::open(path, &self.config.limits)?);
+        Ok(())
+    }
+
+    /// Attaches one base tensor from host memory (row-major `rows × cols`).
+    ///
+    /// # Safety
+    /// `data` must point to `rows·cols` elements of `dtype`, stay valid and unchanged while
+    /// the gate lives.
+    pub unsafe fn attach_base_tensor(
+        &self,
+        name: &str,
+        data: *const u8,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        if name.is_empty() || data.is_null() {
+            crate::bail!(InvalidArgument, "a base tensor needs a name and data");
+        }
+        let limits = &self.config.limits;
+        if rows == 0 || cols == 0 || rows > limits.max_dim || cols > limits.max_dim {
+            crate::bail!(
+                Limit,
+                "base tensor `{name}`: shape [{rows}, {cols}] outside 1..={}",
+                limits.max_dim
+            );
+        }
+        let mut base = self.base.write();
+        if base.host.contains_key(name)
+            || base.model.as_ref().is_some_and(|m| m.shape(name).is_some())
+        {
+            crate::bail!(InvalidArgument, "base tensor `{name}` is already attached");
+        }
+        base.host.insert(
+            name.to_string(),
+            HostTensor {
+                ptr: data,
+                len: rows * cols * dtype.size(),
+                dtype,
+                rows,
+                cols,
+            },
+        );
+        Ok(())
+    }
+
+    /// Loads and screens a PEFT adapter directory.
+    pub fn screen_adapter_dir(&self, dir: &Path) -> Result<Report> {
+        let started = Instant::now();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let adapter = adapter::load_peft_dir(dir, &self.config.limits);
+        match adapter {
+            Ok(a) => self.screen(&a),
+            Err(e) => Err(self.record_failure(&name, &e, started)),
+        }
+    }
+
+    /// Screens an adapter already in memory.
+    pub fn screen(&self, adapter: &Adapter) -> Result<Report> {
+        let started = Instant::now();
+        let result = self.screen_inner(adapter, started);
+        match result {
+            Ok(report) => {
+                let outcome = match report.verdict {
+                    Verdict::Accept => ScreenOutcome::Accept,
+                    Verdict::Warn => ScreenOutcome::Warn,
+                    Verdict::Clamp => ScreenOutcome::Clamp,
+                    Verdict::Reject => ScreenOutcome::Reject,
+                };
+                self.metrics.record_screening(
+                    &adapter.name,
+                    outcome,
+                    report.total_intruders as u64,
+                    report.modules.len() as u64,
+                    started.elapsed().as_secs_f64(),
+                );
+                Ok(report)
+            }
+            Err(e) => Err(self.record_failure(&adapter.name, &e, started)),
+        }
+    }
+
+    fn record_failure(&self, adapter: &str, e: &Error, started: Instant) -> Error {
+        self.metrics.record_error(e.kind().label());
+        self.metrics.record_screening(
+            adapter,
+            ScreenOutcome::Error,
+            0,
+            0,
+            started.elapsed().as_secs_f64(),
+        );
+        e.clone()
+    }
+
+    fn screen_inner(&self, adapter: &Adapter, started: Instant) -> Result<Report> {
+        let base = self.base.read();
+        let jobs = self.plan(&base, adapter)?;
+        let planned_ms = ms(started);
+        let mut warnings = Vec::new();
+        let results: Vec<Result<(ModuleReport, Option<String>)>> = self
+            .pool
+            .install(|| jobs.par_iter().map(|j| self.run(j)).collect());
+        let mut modules = Vec::with_capacity(results.len());
+        for r in results {
+            let (m, w) = r?;
+            modules.push(m);
+            warnings.extend(w);
+        }
+        let mut timings = BTreeMap::from([("plan".to_string(), planned_ms)]);
+        timings.insert("total".into(), ms(started));
+        Ok(self.assemble(
+            base.label(),
+            Some(adapter.name.clone()),
+            None,
+            modules,
+            timings,
+            warnings,
+        ))
+    }
+
+    /// Maps every module to its base tensor and checks shapes, before any maths.
+    fn plan<'a>(&self, base: &'a BaseSet, adapter: &'a Adapter) -> Result<Vec<Job<'a>>> {
+        let names: Vec<&str> = adapter.modules.iter().map(|m| m.name.as_str()).collect();
+        let targets = mapping::map_modules(&names, &base.names())?;
+        let mut jobs = Vec::with_capacity(targets.len());
+        for (lora, base_tensor) in adapter.modules.iter().zip(targets) {
+            let w0 = base.matrix(&base_tensor)?;
+            let transposed = adapter.fan_in_fan_out;
+            let (out, inn) = if transposed {
+                (w0.cols, w0.rows)
+            } else {
+                (w0.rows, w0.cols)
+            };
+            if (out, inn) != (lora.out_features, lora.in_features) {
+                crate::bail!(
+                    Shape,
+                    "module `{}`: B·A is [{}, {}] but base tensor `{base_tensor}` is [{out}, {inn}]{}",
+                    lora.name,
+                    lora.out_features,
+                    lora.in_features,
+                    if transposed { " (after fan_in_fan_out transpose)" } else { "" }
+                );
+            }
+            jobs.push(Job {
+                lora,
+                base_tensor,
+                w0,
+                transposed,
+            });
+        }
+        jobs.sort_by(|a, b| a.base_tensor.cmp(&b.base_tensor));
+        Ok(jobs)
+    }
+
+    fn run(&self, job: &Job<'_>) -> Result<(ModuleReport, Option<String>)> {
+        let lora = job.lora;
+        let k = self.config.top_k;
+        let mut timings = BTreeMap::new();
+        let t = Instant::now();
+        let (sigma, max_cos, outside, solver, source, warning) = match self.config.method {
+            Method::Dense => {
+                let w0 = oriented_f64(&job.w0, job.transposed);
+                let (out, inn) = (lora.out_features, lora.in_features);
+                let w1 =
+                    dense::effective_weight(&w0, out, inn, &lora.a, &lora.b, lora.rank, lora.scale);
+                let w0m = faer::MatRef::from_row_major_slice(&w0, out, inn);
+                let d = dense::compare(w0m, w1.as_ref(), k + 1)?;
+                timings.insert("dense".into(), ms(t));
+                (
+                    d.sigma,
+                    d.max_cos,
+                    d.outside_base_span,
+                    "dense",
+                    "none",
+                    None,
+                )
+            }
+            Method::Brand => {
+                let (spectrum, source, warning) = self.base_spectrum(&job.base_tensor, &job.w0)?;
+                timings.insert("base_spectrum".into(), ms(t));
+                let oriented;
+                let base = if job.transposed {
+                    oriented = transpose_spectrum(&spectrum);
+                    &oriented
+                } else {
+                    spectrum.as_ref()
+                };
+                let t = Instant::now();
+                let sol = brand::solve(
+                    self.backend.as_ref(),
+                    &Update {
+                        base,
+                        a: &lora.a,
+                        b: &lora.b,
+                        rank: lora.rank,
+                        scale: lora.scale,
+                    },
+                    k + 1,
+                    &self.krylov_settings(),
+                )?;
+                timings.insert("update".into(), ms(t));
+                let (mc, out) = (sol.max_cos(), sol.outside_base_span());
+                (
+                    sol.triplets.sigma,
+                    mc,
+                    out,
+                    sol.solver,
+                    source.label(),
+                    warning,
+                )
+            }
+        };
+        Ok((
+            self.module_report(
+                lora.name.clone(),
+                job.base_tensor.clone(),
+                [lora.out_features, lora.in_features],
+                lora.rank,
+                lora.scale,
+                sigma,
+                max_cos,
+                outside,
+                solver,
+                source,
+                timings,
+            ),
+            warning,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn module_report(
+        &self,
+        module: String,
+        base_tensor: String,
+        shape: [usize; 2],
+        rank: usize,
+        scale: f64,
+        mut sigma: Vec<f64>,
+        mut max_cos: Vec<f64>,
+        mut outside: Vec<f64>,
+        solver: &str,
+        source: &str,
+        timings_ms: BTreeMap<String, f64>,
+    ) -> ModuleReport {
+        let k = self.config.top_k.min(max_cos.len());
+        max_cos.truncate(k);
+        outside.truncate(k);
+        let (intruders, tied, near_epsilon) = classify(
+            &sigma,
+            &max_cos,
+            self.config.epsilon,
+            self.config.tie_tolerance,
+        );
+        sigma.truncate(k);
+        ModuleReport {
+            module,
+            base_tensor,
+            shape,
+            rank,
+            scale,
+            singular_values: sigma,
+            max_cos,
+            intruders,
+            tied,
+            outside_base_span: outside,
+            near_epsilon,
+            solver: solver.into(),
+            base_spectrum: source.into(),
+            timings_ms,
+        }
+    }
+
+    fn krylov_settings(&self) -> KrylovSettings {
+        KrylovSettings {
+            tol: self.config.krylov_tolerance,
+            max_dim: 40 * self.config.top_k.clamp(2, 16),
+            seed: 0x1A7E_5EED,
+        }
+    }
+
+    /// The base spectrum of one stored base tensor (its own orientation), via the cache.
+    fn base_spectrum(
+        &self,
+        name: &str,
+        w0: &TensorRef<'_>,
+    ) -> Result<(Arc<Spectrum>, Source, Option<String>)> {
+        let key = self.key(name, w0);
+        let started = Instant::now();
+        let (s, source, warning) = self.cache.get_or_compute(&key, || {
+            self.backend.thin_svd(&w0.to_f32(), w0.rows, w0.cols)
+        })?;
+        self.metrics.record_cache(match source {
+            Source::MemoryHit => CacheResult::MemoryHit,
+            Source::DiskHit => CacheResult::DiskHit,
+            Source::Computed => CacheResult::Computed,
+            Source::RebuiltCorrupt => CacheResult::RebuiltCorrupt,
+        });
+        if matches!(source, Source::Computed | Source::RebuiltCorrupt) {
+            self.metrics
+                .record_spectrum_compute(started.elapsed().as_secs_f64());
+        }
+        Ok((s, source, warning))
+    }
+
+    /// The cache key of a base tensor, fingerprinted once per gate (the base does not change
+    /// while it is attached).
+    fn key(&self, name: &str, w0: &TensorRef<'_>) -> Key {
+        if let Some(k) = self.keys.lock().get(name) {
+            return *k;
+        }
+        let k = Key::of(w0);
+        self.keys.lock().insert(name.to_string(), k);
+        k
+    }
+
+    /// Computes and caches the base spectrum of every 2-D float base tensor (matching `include`),
+    /// in parallel. Entries already cached are verified, not recomputed, so an interrupted run
+    /// resumes where it stopped. `progress` gets one line per finished tensor.
+    pub fn index(
+        &self,
+        include: Option<&regex::Regex>,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<IndexSummary> {
+        let started = Instant::now();
+        let base = self.base.read();
+        let names: Vec<String> = base
+            .names()
+            .into_iter()
+            .filter(|n| include.is_none_or(|re| re.is_match(n)))
+            .collect();
+        let total = names.len();
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let sources: Result<Vec<Source>> = self.pool.install(|| {
+            names
+                .par_iter()
+                .map(|name| {
+                    let w0 = base.matrix(name)?;
+                    let (_, source, warning) = self.base_spectrum(name, &w0)?;
+                    if let Some(w) = warning {
+                        crate::bail!(Io, "{w}");
+                    }
+                    let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let eta = elapsed / n as f64 * (total - n) as f64;
+                    progress(&format!(
+                        "[{n}/{total}] {name} [{}x{}] {} ({elapsed:.1}s elapsed, ETA {eta:.0}s)",
+                        w0.rows,
+                        w0.cols,
+                        source.label()
+                    ));
+                    Ok(source)
+                })
+                .collect()
+        });
+        let sources = sources?;
+        let count = |s: Source| sources.iter().filter(|&&x| x == s).count();
+        Ok(IndexSummary {
+            tensors: total,
+            computed: count(Source::Computed) + count(Source::RebuiltCorrupt),
+            already_cached: count(Source::DiskHit) + count(Source::MemoryHit),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Compares a fully fine-tuned model with the base: every 2-D float tensor present in both
+    /// with the same shape, by the dense method.
+    pub fn screen_tuned(&self, tuned_path: &Path) -> Result<Report> {
+        let started = Instant::now();
+        let base = self.base.read();
+        let tuned = BaseModel::open(tuned_path, &self.config.limits)?;
+        let pairs: Vec<(String, TensorRef<'_>, TensorRef<'_>)> = tuned
+            .matrix_names()
+            .into_iter()
+            .filter_map(|n| {
+                let b = base.matrix(&n).ok()?;
+                let t = tuned.matrix(&n).ok()?;
+                ((b.rows, b.cols) == (t.rows, t.cols)).then_some((n, b, t))
+            })
+            .collect();
+        if pairs.is_empty() {
+            crate::bail!(
+                BaseMismatch,
+                "the tuned model shares no 2-D tensor of the same shape with the base"
+            );
+        }
+        let k = self.config.top_k;
+        let modules: Result<Vec<ModuleReport>> = self.pool.install(|| {
+            pairs
+                .par_iter()
+                .map(|(name, b, t)| {
+                    let t0 = Instant::now();
+                    let (w0, w1) = (b.to_f64(), t.to_f64());
+                    let bm = faer::MatRef::from_row_major_slice(&w0, b.rows, b.cols);
+                    let tm = faer::MatRef::from_row_major_slice(&w1, t.rows, t.cols);
+                    let d = dense::compare(bm, tm, k + 1)?;
+                    let timings = BTreeMap::from([("dense".to_string(), ms(t0))]);
+                    Ok(self.module_report(
+                        name.clone(),
+                        name.clone(),
+                        [b.rows, b.cols],
+                        0,
+                        0.0,
+                        d.sigma,
+                        d.max_cos,
+                        d.outside_base_span,
+                        "dense",
+                        "none",
+                        timings,
+                    ))
+                })
+                .collect()
+        });
+        let timings = BTreeMap::from([("total".to_string(), ms(started))]);
+        let mut report = self.assemble(
+            base.label(),
+            None,
+            Some(tuned_path.display().to_string()),
+            modules?,
+            timings,
+            vec![],
+        );
+        report.method = Method::Dense.label();
+        Ok(report)
+    }
+
+    fn assemble(
+        &self,
+        base: String,
+        adapter: Option<String>,
+        tuned: Option<String>,
+        modules: Vec<ModuleReport>,
+        timings_ms: BTreeMap<String, f64>,
+        warnings: Vec<String>,
+    ) -> Report {
+        let total: usize = modules.iter().map(|m| m.intruders.len()).sum();
+        Report {
+            schema_version: SCHEMA_VERSION,
+            tool_version: env!("CARGO_PKG_VERSION"),
+            base,
+            adapter,
+            tuned,
+            method: self.config.method.label(),
+            backend: self.backend.name(),
+            device: self.backend.device(),
+            backend_fallback: self.backend_fallback.clone(),
+            top_k: self.config.top_k,
+            epsilon: self.config.epsilon,
+            tie_tolerance: self.config.tie_tolerance,
+            verdict: if total == 0 {
+                Verdict::Accept
+            } else {
+                Verdict::Warn
+            },
+            total_intruders: total,
+            modules_with_intruders: modules.iter().filter(|m| !m.intruders.is_empty()).count(),
+            modules,
+            timings_ms,
+            warnings,
+        }
+    }
+}
+
+/// What `index` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexSummary {
+    pub tensors: usize,
+    pub computed: usize,
+    pub already_cached: usize,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for IndexSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "indexed {} tensors: {} computed, {} already cached, in {:.1}s",
+            self.tensors, self.computed, self.already_cached, self.seconds
+        )
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// `W0` as row-major f64 in `[out, in]` layout.
+fn oriented_f64(t: &TensorRef<'_>, transposed: bool) -> Vec<f64> {
+    let v = t.to_f64();
+    if !transposed {
+        return v;
+    }
+    let (r, c) = (t.rows, t.cols);
+    (0..c)
+        .flat_map(|j| (0..r).map(move |i| (i, j)))
+        .map(|(i, j)| v[i * c + j])
+        .collect()
+}
+
+/// The spectrum of `Wᵀ`: left and right swap.
+fn transpose_spectrum(s: &Spectrum) -> Spectrum {
+    Spectrum {
+        rows: s.cols,
+        cols: s.rows,
+        u: s.v.clone(),
+        s: s.s.clone(),
+        v: s.u.clone(),
+    }
+}
