@@ -253,6 +253,13 @@ impl Gate {
         let jobs = self.plan(&base, adapter)?;
         let planned_ms = ms(started);
         let mut warnings = Vec::new();
+        if !adapter.not_screened.is_empty() {
+            warnings.push(format!(
+                "{} tensor(s) are not LoRA A/B pairs and were not screened: {}",
+                adapter.not_screened.len(),
+                adapter.not_screened.join(", ")
+            ));
+        }
         let results: Vec<Result<(ModuleReport, Option<String>)>> = self
             .pool
             .install(|| jobs.par_iter().map(|j| self.run(j)).collect());

@@ -32,7 +32,7 @@ pub fn load_peft_dir(dir: &Path, limits: &Limits) -> Result<Adapter> {
     }
     let config = read_config(&dir.join(CONFIG), limits)?;
     let file = SafetensorsFile::open(&weights_path, limits)?;
-    let pairs = lora_pairs(&file).map_err(|e| e.context(weights_path.display()))?;
+    let (pairs, not_screened) = lora_pairs(&file).map_err(|e| e.context(weights_path.display()))?;
     if config.use_dora {
         bail!(
             Unsupported,
@@ -53,6 +53,7 @@ pub fn load_peft_dir(dir: &Path, limits: &Limits) -> Result<Adapter> {
         fan_in_fan_out: config.fan_in_fan_out,
         config: Some(config),
         modules,
+        not_screened,
     };
     adapter.validate(limits)
 }
@@ -78,10 +79,15 @@ fn read_config(path: &Path, limits: &Limits) -> Result<AdapterConfig> {
     AdapterConfig::parse(&text).map_err(|e| e.context(p))
 }
 
-/// Module path → (lora_A key, lora_B key). Refuses DoRA and unpaired tensors; ignores
-/// every other key.
-fn lora_pairs(file: &SafetensorsFile) -> Result<BTreeMap<String, (String, String)>> {
+/// A PEFT module path and the keys of its lora_A and lora_B.
+type Pairs = BTreeMap<String, (String, String)>;
+
+/// Module path → (lora_A key, lora_B key), and the keys that are not LoRA A/B pairs (embedding
+/// LoRA, `modules_to_save` copies, …): those are not screened, and the report says so.
+/// Refuses DoRA and unpaired tensors.
+fn lora_pairs(file: &SafetensorsFile) -> Result<(Pairs, Vec<String>)> {
     let mut halves: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+    let mut others = Vec::new();
     for key in file.names() {
         let path = key.strip_prefix(PREFIX).unwrap_or(key);
         if let Some(i) = path.find(".lora_magnitude_vector") {
@@ -92,6 +98,7 @@ fn lora_pairs(file: &SafetensorsFile) -> Result<BTreeMap<String, (String, String
             );
         }
         let Some((module, side)) = split_lora_key(path) else {
+            others.push(key.to_string());
             continue;
         };
         let slot = &mut halves.entry(module.to_string()).or_default()[side];
@@ -103,7 +110,7 @@ fn lora_pairs(file: &SafetensorsFile) -> Result<BTreeMap<String, (String, String
             );
         }
     }
-    halves
+    let pairs = halves
         .into_iter()
         .map(|(module, [a, b])| match (a, b) {
             (Some(a), Some(b)) => Ok((module, (a, b))),
@@ -111,7 +118,8 @@ fn lora_pairs(file: &SafetensorsFile) -> Result<BTreeMap<String, (String, String
             (None, Some(b)) => bail!(Format, "module {module}: {b} has no matching lora_A"),
             (None, None) => unreachable!("a module is recorded with at least one half"),
         })
-        .collect()
+        .collect::<Result<Pairs>>()?;
+    Ok((pairs, others))
 }
 
 /// `M.lora_A.weight` or `M.lora_A.<adapter name>.weight` → (M, 0); the same for B → 1.

