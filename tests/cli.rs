@@ -1,0 +1,273 @@
+//! The command line's contract: exit 0 / 1 (`--fail-on`) / 2 (any error, `error:` on stderr,
+//! never a panic), for every malformed input the loader refuses.
+
+mod common;
+
+use common::*;
+use intruder_gate::tensor::DType;
+use std::path::Path;
+
+fn planted_in(dir: &Path, planted_dirs: usize) -> Planted {
+    planted(
+        dir,
+        &PlantedSpec {
+            shapes: &[("layers.0.attn.q", 64, 64), ("layers.0.mlp.up", 96, 64)],
+            rank: 4,
+            planted: planted_dirs,
+            base_dtype: DType::F32,
+            adapter_dtype: DType::F32,
+            use_rslora: false,
+            rank_pattern: &[],
+            alpha_pattern: &[],
+            seed: 9,
+        },
+    )
+}
+
+fn scan(base: &Path, adapter: &Path, extra: &[&str]) -> std::process::Output {
+    cli()
+        .args(["scan", "--no-cache", "--backend", "cpu"])
+        .arg("--base")
+        .arg(base)
+        .arg("--adapter")
+        .arg(adapter)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn fail_on_sets_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 2);
+    assert_eq!(scan(&p.base, &p.adapter, &[]).status.code(), Some(0));
+    assert_eq!(
+        scan(&p.base, &p.adapter, &["--fail-on", "warn"])
+            .status
+            .code(),
+        Some(1)
+    );
+    let clean_dir = tempfile::tempdir().unwrap();
+    let c = planted_in(clean_dir.path(), 0);
+    assert_eq!(
+        scan(&c.base, &c.adapter, &["--fail-on", "warn"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let text = String::from_utf8(scan(&p.base, &p.adapter, &[]).stdout).unwrap();
+    assert!(text.contains("verdict: warn"), "{text}");
+}
+
+/// One corruption of a valid adapter directory, and a phrase its error must contain.
+type Breakage = (&'static str, &'static str, fn(&Path));
+
+fn rewrite_config(dir: &Path, f: impl Fn(&mut serde_json::Value)) {
+    let p = dir.join("adapter_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+fn weights(dir: &Path) -> std::path::PathBuf {
+    dir.join("adapter_model.safetensors")
+}
+
+const BREAKAGES: &[Breakage] = &[
+    ("weights cut in the data", "outside the", |d| {
+        let b = std::fs::read(weights(d)).unwrap();
+        std::fs::write(weights(d), &b[..b.len() / 2]).unwrap();
+    }),
+    ("weights cut in the header", "truncated", |d| {
+        let b = std::fs::read(weights(d)).unwrap();
+        std::fs::write(weights(d), &b[..40]).unwrap();
+    }),
+    ("NaN in lora_B", "NaN", |d| {
+        // The last 4 bytes are the last element of the last tensor in data order.
+        let mut b = std::fs::read(weights(d)).unwrap();
+        let n = b.len();
+        b[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(weights(d), b).unwrap();
+    }),
+    ("absurd header length", "header", |d| {
+        let mut b = std::fs::read(weights(d)).unwrap();
+        b[..8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        std::fs::write(weights(d), b).unwrap();
+    }),
+    ("header not JSON", "JSON", |d| {
+        let mut b = std::fs::read(weights(d)).unwrap();
+        b[8] = b'#';
+        std::fs::write(weights(d), b).unwrap();
+    }),
+    ("missing weights", "missing", |d| {
+        std::fs::remove_file(weights(d)).unwrap()
+    }),
+    ("pickle weights", "pickle", |d| {
+        std::fs::remove_file(weights(d)).unwrap();
+        std::fs::write(d.join("adapter_model.bin"), b"\x80\x04").unwrap();
+    }),
+    ("config not JSON", "JSON", |d| {
+        std::fs::write(d.join("adapter_config.json"), "{r: 4").unwrap()
+    }),
+    ("config without r", "no rank \"r\"", |d| {
+        rewrite_config(d, |v| {
+            v.as_object_mut().unwrap().remove("r");
+        })
+    }),
+    ("config without lora_alpha", "lora_alpha", |d| {
+        rewrite_config(d, |v| {
+            v.as_object_mut().unwrap().remove("lora_alpha");
+        })
+    }),
+    ("not LoRA", "peft_type", |d| {
+        rewrite_config(d, |v| v["peft_type"] = "IA3".into())
+    }),
+    ("r = 0", "r", |d| rewrite_config(d, |v| v["r"] = 0.into())),
+    ("configured r differs from the tensors", "rank", |d| {
+        rewrite_config(d, |v| v["r"] = 8.into())
+    }),
+    ("DoRA", "DoRA", |d| {
+        rewrite_config(d, |v| v["use_dora"] = true.into())
+    }),
+];
+
+#[test]
+fn every_malformed_adapter_exits_2_with_a_clear_error_and_no_panic() {
+    for (what, phrase, breakage) in BREAKAGES {
+        let dir = tempfile::tempdir().unwrap();
+        let p = planted_in(dir.path(), 1);
+        breakage(&p.adapter);
+        let out = scan(&p.base, &p.adapter, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(err.starts_with("error:"), "{what}: {err}");
+        assert!(err.contains(phrase), "{what}: `{phrase}` not in: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert!(
+            out.stdout.is_empty(),
+            "{what}: no report for an invalid adapter"
+        );
+    }
+}
+
+#[test]
+fn adapters_that_do_not_fit_the_base_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 1);
+    // A base whose tensors have other names: nothing matches.
+    let other = tempfile::tempdir().unwrap();
+    let q = planted(
+        other.path(),
+        &PlantedSpec {
+            shapes: &[("decoder.block.3.ffn", 64, 64)],
+            rank: 4,
+            planted: 0,
+            base_dtype: DType::F32,
+            adapter_dtype: DType::F32,
+            use_rslora: false,
+            rank_pattern: &[],
+            alpha_pattern: &[],
+            seed: 1,
+        },
+    );
+    let out = scan(&q.base, &p.adapter, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("match no base tensor")
+            && err.contains("layers.0.attn.q")
+            && err.contains("layers.0.mlp.up"),
+        "{err}"
+    );
+
+    // Same names, other shapes: B·A does not fit W0.
+    let shaped = tempfile::tempdir().unwrap();
+    let s = planted(
+        shaped.path(),
+        &PlantedSpec {
+            shapes: &[("layers.0.attn.q", 64, 32), ("layers.0.mlp.up", 96, 64)],
+            rank: 4,
+            planted: 0,
+            base_dtype: DType::F32,
+            adapter_dtype: DType::F32,
+            use_rslora: false,
+            rank_pattern: &[],
+            alpha_pattern: &[],
+            seed: 2,
+        },
+    );
+    let out = scan(&s.base, &p.adapter, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("B·A is [64, 64]") && err.contains("[64, 32]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn usage_errors_and_missing_paths_exit_2() {
+    let out = cli()
+        .args([
+            "scan",
+            "--base",
+            "/nonexistent/base.safetensors",
+            "--adapter",
+            "/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error:"));
+    let out = cli().args(["scan", "--adapter", "x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap usage errors exit 2");
+}
+
+#[test]
+fn demo_runs_and_finds_the_planted_intruders() {
+    let out = cli().arg("demo").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("adapter `clean`: verdict accept, 0 intruder dimensions"),
+        "{text}"
+    );
+    assert!(
+        text.contains("adapter `planted`: verdict warn, 4 intruder dimensions"),
+        "{text}"
+    );
+    assert!(
+        text.contains("adapter `malformed`: refused (non_finite)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn tuned_model_comparison_uses_the_dense_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 0);
+    // A "fully fine-tuned" copy: the base itself, so every top vector is a base vector.
+    let out = cli()
+        .args(["scan", "--no-cache", "--format", "json"])
+        .arg("--base")
+        .arg(&p.base)
+        .arg("--tuned")
+        .arg(&p.base)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["method"], "dense");
+    assert_eq!(v["total_intruders"], 0);
+    assert_eq!(v["modules"].as_array().unwrap().len(), 2);
+    assert!(v["tuned"].is_string());
+}
