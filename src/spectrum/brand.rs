@@ -152,6 +152,12 @@ impl Operator for Core {
     fn apply_t(&self, x: MatRef<'_, f64>, out: MatMut<'_, f64>) {
         self.diag_plus_low_rank(x, &self.r, &self.l, out);
     }
+    /// `K Kᵀ = diag(Σ0², 0) + low rank`.
+    fn gram_diagonal(&self) -> Option<Vec<f64>> {
+        let mut d: Vec<f64> = self.sigma0.iter().map(|s| s * s).collect();
+        d.resize(self.l.nrows(), 0.0);
+        Some(d)
+    }
 }
 
 /// Splits an n×r factor into its coordinates in the base basis (ρ×r) and an orthonormal
@@ -236,7 +242,19 @@ pub fn solve(
         r: stack(&m_a, &r_a),
         scale: up.scale,
     };
-    let (triplets, solver) = match krylov::top_triplets(&core, want, settings) {
+    // Start from the top base directions and the adapter's left factor: the top left singular
+    // space of W' lies close to their span, so the Krylov solve needs only a few blocks.
+    let n_l = core.l.nrows();
+    let lead = (want + 8).min(rho);
+    let start = Mat::<f64>::from_fn(n_l, lead + r, |i, j| {
+        if j < lead {
+            f64::from(u8::from(i == j))
+        } else {
+            core.l[(i, j - lead)]
+        }
+    });
+    let (triplets, solver) = match krylov::top_triplets(&core, want, Some(start.as_ref()), settings)
+    {
         Some(t) => (t, "krylov"),
         None => (dense_top(&core.dense(), want)?, "dense-core"),
     };

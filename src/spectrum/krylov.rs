@@ -1,9 +1,14 @@
 //! Top singular triplets of a matrix given only as an operator (y ↦ K y, x ↦ Kᵀ x).
 //!
-//! Block Krylov on `G = K Kᵀ` with full re-orthogonalisation and Rayleigh–Ritz on `Zᵀ Z`,
-//! `Z = Kᵀ Q`. It stops on a residual test, never on an iteration count:
+//! A block subspace method on `G = K Kᵀ` with full re-orthogonalisation and Rayleigh–Ritz on
+//! `Zᵀ Z`, `Z = Kᵀ Q`. It stops on a residual test, never on an iteration count:
 //! `‖K y − σ x‖ ≤ tol·σ₁` for every returned triplet. A block (not a single vector) keeps
 //! exactly repeated singular values from hiding each other.
+//!
+//! The subspace grows by block Krylov steps (`G` times the newest block), or — when the operator
+//! knows the diagonal of `G` — by Davidson steps: each unconverged Ritz pair's residual divided
+//! by `θ − diag(G)`. For the Brand core `G` is diagonal plus low rank, so that preconditioner is
+//! exact up to the low-rank part and a handful of steps converge where Krylov needs dozens.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
@@ -16,6 +21,10 @@ pub trait Operator {
     fn apply(&self, y: MatRef<'_, f64>, out: MatMut<'_, f64>);
     /// `out = Kᵀ · x` (x: rows×b, out: cols×b).
     fn apply_t(&self, x: MatRef<'_, f64>, out: MatMut<'_, f64>);
+    /// A diagonal close to that of `K Kᵀ` (up to a low-rank part), enabling Davidson steps.
+    fn gram_diagonal(&self) -> Option<Vec<f64>> {
+        None
+    }
 }
 
 /// Top singular triplets, descending: `x` rows×n, `y` cols×n.
@@ -34,8 +43,15 @@ pub struct KrylovSettings {
 }
 
 /// Runs the solve for the top `want` triplets; `None` when the residual test is not met within
-/// `max_dim` basis vectors (the caller falls back to a dense SVD and says so).
-pub fn top_triplets(op: &dyn Operator, want: usize, s: &KrylovSettings) -> Option<Triplets> {
+/// `max_dim` basis vectors (the caller falls back to a dense SVD and says so). `start` is the
+/// first block (rows × b); a start close to the wanted subspace converges in a few blocks. Without
+/// one, a seeded random block is used.
+pub fn top_triplets(
+    op: &dyn Operator,
+    want: usize,
+    start: Option<MatRef<'_, f64>>,
+    s: &KrylovSettings,
+) -> Option<Triplets> {
     let n = op.rows();
     let want = want.min(n).min(op.cols());
     if want == 0 {
@@ -45,14 +61,18 @@ pub fn top_triplets(op: &dyn Operator, want: usize, s: &KrylovSettings) -> Optio
             y: Mat::zeros(op.cols(), 0),
         });
     }
-    let block = want.clamp(2, 16).min(n);
+    let block = start.map_or(want.clamp(2, 16), |b| b.ncols()).min(n);
     let max_dim = s.max_dim.min(n).max(block);
     let mut q = Mat::<f64>::zeros(n, max_dim);
     let mut z = Mat::<f64>::zeros(op.cols(), max_dim);
     let mut w = Mat::<f64>::zeros(n, max_dim);
     let mut t = Mat::<f64>::zeros(max_dim, max_dim);
 
-    let mut next = seeded_block(n, block, s.seed);
+    let mut next = match start {
+        Some(b) => b.to_owned(),
+        None => seeded_block(n, block, s.seed),
+    };
+    let diag = op.gram_diagonal();
     let mut m = 0;
     loop {
         let m0 = m;
@@ -78,22 +98,55 @@ pub fn top_triplets(op: &dyn Operator, want: usize, s: &KrylovSettings) -> Optio
             }
             m = m1;
         }
+        let mut ritz = None;
         if m >= want || exhausted {
-            let result = rayleigh_ritz(&q, &z, &w, &t, m, want);
-            let full = exhausted || m >= n;
-            if full || result.1 <= s.tol * result.0.sigma.first().copied().unwrap_or(0.0) {
-                return Some(result.0);
+            let rr = rayleigh_ritz(&q, &z, &w, &t, m, want);
+            let limit = s.tol * rr.triplets.sigma.first().copied().unwrap_or(0.0);
+            if exhausted || m >= n || rr.residual_norms.iter().all(|&r| r <= limit) {
+                return Some(rr.triplets);
             }
+            ritz = Some((rr, limit));
         }
-        if exhausted || m + 1 > max_dim {
+        if exhausted || m >= max_dim {
             return None;
         }
-        // The next block is G times the newest one, which `w` already holds.
-        next = w.as_ref().subcols(m0, added.min(max_dim - m)).to_owned();
+        let room = max_dim - m;
+        next = match (&diag, ritz) {
+            (Some(d), Some((rr, limit))) => davidson_block(&rr, d, limit, room),
+            // Krylov: G times the newest block, which `w` already holds.
+            _ => w.as_ref().subcols(m0, added.min(room)).to_owned(),
+        };
     }
 }
 
-/// Ritz triplets from the basis, and the largest residual among the top `want`.
+/// Residuals of the unconverged Ritz pairs, each divided by `θ − diag(G)`.
+fn davidson_block(rr: &RitzPairs, diag: &[f64], limit: f64, room: usize) -> Mat<f64> {
+    let todo: Vec<usize> = (0..rr.residual_norms.len())
+        .filter(|&c| rr.residual_norms[c] > limit)
+        .take(room)
+        .collect();
+    let n = rr.residuals.nrows();
+    Mat::from_fn(n, todo.len(), |i, c| {
+        let j = todo[c];
+        let theta = rr.triplets.sigma[j].powi(2);
+        let mut gap = theta - diag[i];
+        // Next to a pole the correction is huge along e_i: clip it, the direction is what counts.
+        let floor = 1e-6 * theta.max(f64::MIN_POSITIVE);
+        if gap.abs() < floor {
+            gap = floor.copysign(gap);
+        }
+        rr.residuals[(i, j)] / gap
+    })
+}
+
+/// Ritz triplets and, per triplet, the residual `G x − σ² x` and `‖K y − σ x‖`.
+struct RitzPairs {
+    triplets: Triplets,
+    residuals: Mat<f64>,
+    residual_norms: Vec<f64>,
+}
+
+/// Ritz triplets of the top `want` from the basis, with their residuals.
 fn rayleigh_ritz(
     q: &Mat<f64>,
     z: &Mat<f64>,
@@ -101,7 +154,7 @@ fn rayleigh_ritz(
     t: &Mat<f64>,
     m: usize,
     want: usize,
-) -> (Triplets, f64) {
+) -> RitzPairs {
     let tm = t.as_ref().submatrix(0, 0, m, m).to_owned();
     let eig = tm
         .self_adjoint_eigen(Side::Lower)
@@ -123,26 +176,33 @@ fn rayleigh_ritz(
     let zc = z.as_ref().subcols(0, m) * &coeff;
     let wc = w.as_ref().subcols(0, m) * &coeff;
     let mut y = zc;
-    let mut worst: f64 = 0.0;
+    let residuals = Mat::from_fn(x.nrows(), take, |r, c| {
+        wc[(r, c)] - sigma[c] * sigma[c] * x[(r, c)]
+    });
+    let mut residual_norms = Vec::with_capacity(take);
     for (c, &sig) in sigma.iter().enumerate() {
+        // ‖K y − σ x‖ with y = Kᵀx/σ equals ‖G x − σ² x‖/σ. A zero σ has y = 0 and is exact.
         if sig > 0.0 {
-            // ‖K y − σ x‖ with y = Kᵀx/σ equals ‖G x − σ² x‖/σ.
-            let res = (0..x.nrows())
-                .map(|r| (wc[(r, c)] - sig * sig * x[(r, c)]).powi(2))
-                .sum::<f64>()
-                .sqrt()
-                / sig;
-            worst = worst.max(res);
+            residual_norms.push(residuals.col(c).norm_l2() / sig);
             for r in 0..y.nrows() {
                 y[(r, c)] /= sig;
             }
+        } else {
+            residual_norms.push(0.0);
         }
     }
-    (Triplets { sigma, x, y }, worst)
+    RitzPairs {
+        triplets: Triplets { sigma, x, y },
+        residuals,
+        residual_norms,
+    }
 }
 
-/// Orthonormalises `new` against the first `m` columns of `q` (two Gram–Schmidt passes) and
-/// among itself, appending what survives after column `m`. Returns how many columns were added.
+/// Orthonormalises `new` against the first `m` columns of `q` and among itself, appending what
+/// survives after column `m`; returns how many columns were added. Each column is projected out
+/// until a pass no longer shrinks it by half (Daniel–Gragg–Kaufman–Stewart), so even a column
+/// that lies almost inside the span comes out orthogonal to working precision; a column that
+/// keeps shrinking is inside the span and dropped.
 fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -> usize {
     let cap = q.ncols() - m;
     let mut added = 0;
@@ -150,43 +210,37 @@ fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -
         if added == cap {
             break;
         }
-        let mut v: Vec<f64> = (0..new.nrows()).map(|r| new[(r, j)]).collect();
-        let norm0 = norm(&v);
-        if norm0 == 0.0 {
+        let mut v = new.col(j).to_owned();
+        let norm0 = v.norm_l2();
+        if norm0 == 0.0 || !norm0.is_finite() {
             continue;
         }
-        for _ in 0..2 {
+        let mut norm = norm0;
+        let mut independent = false;
+        for _ in 0..4 {
             let basis = q.as_ref().subcols(0, m + added);
-            let vm = MatRef::from_column_major_slice(&v, v.len(), 1);
-            let coef = basis.transpose() * vm;
-            let mut corr = Mat::<f64>::zeros(v.len(), 1);
-            matmul(
-                corr.as_mut(),
-                Accum::Replace,
-                basis,
-                coef.as_ref(),
-                1.0,
-                Par::Seq,
-            );
-            for (r, x) in v.iter_mut().enumerate() {
-                *x -= corr[(r, 0)];
+            let coef = basis.transpose() * &v;
+            matmul(v.as_mut(), Accum::Add, basis, coef.as_ref(), -1.0, Par::Seq);
+            let after = v.norm_l2();
+            if after <= 1e-13 * norm0 {
+                break;
             }
+            if after > 0.5 * norm {
+                independent = true;
+                break;
+            }
+            norm = after;
         }
-        let nv = norm(&v);
-        // A column that is (numerically) inside the span adds nothing.
-        if nv <= 1e-10 * norm0 {
+        if !independent {
             continue;
         }
-        for (r, x) in v.iter().enumerate() {
-            q[(r, m + added)] = x / nv;
+        let nv = v.norm_l2();
+        for r in 0..v.nrows() {
+            q[(r, m + added)] = v[r] / nv;
         }
         added += 1;
     }
     added
-}
-
-fn norm(v: &[f64]) -> f64 {
-    v.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
 /// A deterministic pseudo-random start block (splitmix64), so both runs and backends agree.
@@ -236,7 +290,7 @@ mod tests {
         for &(r, c) in &[(60, 40), (40, 60), (50, 50)] {
             let a = Mat::<f64>::from_fn(r, c, |i, j| ((i * 31 + j * 17) % 23) as f64 / 23.0 - 0.4);
             let svd = a.thin_svd().unwrap();
-            let got = top_triplets(&Dense(a.clone()), 5, &settings()).unwrap();
+            let got = top_triplets(&Dense(a.clone()), 5, None, &settings()).unwrap();
             for j in 0..5 {
                 let want = svd.S().column_vector()[j];
                 assert!((got.sigma[j] - want).abs() <= 1e-9 * want, "σ{j}");
@@ -252,7 +306,7 @@ mod tests {
         for i in 0..30 {
             a[(i, i)] = if i < 3 { 5.0 } else { 1.0 / (i as f64) };
         }
-        let got = top_triplets(&Dense(a), 4, &settings()).unwrap();
+        let got = top_triplets(&Dense(a), 4, None, &settings()).unwrap();
         for j in 0..3 {
             assert!((got.sigma[j] - 5.0).abs() < 1e-10);
         }
@@ -267,6 +321,6 @@ mod tests {
             max_dim: 12,
             seed: 3,
         };
-        assert!(top_triplets(&Dense(a), 10, &s).is_none());
+        assert!(top_triplets(&Dense(a), 10, None, &s).is_none());
     }
 }
