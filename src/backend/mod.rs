@@ -2,7 +2,8 @@
 //! of adapter factors onto a base's singular vectors. Everything else is small and runs on the CPU.
 
 pub mod cpu;
-// CUDA backend: lands with the cudarc work.
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::error::Result;
 use std::sync::Arc;
@@ -80,6 +81,12 @@ pub fn select(choice: BackendChoice, gpu_memory_bytes: Option<usize>) -> Result<
     }
 }
 
+#[cfg(feature = "cuda")]
+fn open_cuda(gpu_memory_bytes: Option<usize>) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(cuda::CudaBackend::probe(0, gpu_memory_bytes)?))
+}
+
+#[cfg(not(feature = "cuda"))]
 fn open_cuda(_gpu_memory_bytes: Option<usize>) -> Result<Arc<dyn Backend>> {
     crate::bail!(
         Cuda,
