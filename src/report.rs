@@ -68,7 +68,7 @@ pub struct ModuleReport {
     pub outside_base_span: Vec<f64>,
     /// Indices j whose `max_cos` lies within `EPSILON_BAND` of ε: the verdict there is fragile.
     pub near_epsilon: Vec<usize>,
-    /// How the triplets were found: "krylov", "dense-core" (Krylov did not converge; exact
+    /// How the triplets were found: "davidson", "dense-core" (the iterative solve did not converge; exact
     /// fallback), or "dense" (the reference method).
     pub solver: String,
     /// Where the base spectrum came from: "memory_hit", "disk_hit", "computed",

@@ -146,7 +146,10 @@ fn assert_agree(label: &str, brand: &[ModuleReport], dense: &[ModuleReport]) {
     assert_eq!(brand.len(), dense.len());
     for (b, d) in brand.iter().zip(dense) {
         assert_eq!(b.base_tensor, d.base_tensor);
-        assert_eq!(b.solver, "krylov", "{label}: the Krylov solve converged");
+        assert_eq!(
+            b.solver, "davidson",
+            "{label}: the iterative solve converged"
+        );
         for (j, (x, y)) in b.singular_values.iter().zip(&d.singular_values).enumerate() {
             assert!(
                 (x - y).abs() <= 1e-6 * d.singular_values[0],

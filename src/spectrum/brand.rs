@@ -31,7 +31,7 @@ pub struct BrandSolution {
     /// Orthonormal residual bases outside the base spans: out×p_B and in×p_A.
     pub p_b: Mat<f64>,
     pub p_a: Mat<f64>,
-    /// "krylov" or "dense-core" (the Krylov solve did not converge in budget).
+    /// "davidson" or "dense-core" (the iterative solve did not converge in budget).
     pub solver: &'static str,
 }
 
@@ -50,8 +50,7 @@ impl BrandSolution {
         (0..x.ncols())
             .map(|j| {
                 (self.rho..x.nrows())
-                    .map(|i| x[(i, j)].powi(2))
-                    .sum::<f64>()
+                    .fold(0.0, |acc, i| acc + x[(i, j)].powi(2))
                     .sqrt()
             })
             .collect()
@@ -255,7 +254,7 @@ pub fn solve(
     });
     let (triplets, solver) = match krylov::top_triplets(&core, want, Some(start.as_ref()), settings)
     {
-        Some(t) => (t, "krylov"),
+        Some(t) => (t, "davidson"),
         None => (dense_top(&core.dense(), want)?, "dense-core"),
     };
     Ok(BrandSolution {
