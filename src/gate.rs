@@ -61,6 +61,13 @@ impl BaseSet {
         names
     }
 
+    /// Lets the OS drop a file-backed tensor's pages once its bytes have been read.
+    fn release(&self, name: &str) {
+        if let Some(m) = &self.model {
+            m.release(name);
+        }
+    }
+
     fn matrix(&self, name: &str) -> Result<TensorRef<'_>> {
         if let Some(h) = self.host.get(name) {
             // SAFETY: see HostTensor.
@@ -76,6 +83,7 @@ impl BaseSet {
 
 /// One module ready for the maths: validated and mapped.
 struct Job<'a> {
+    base: &'a BaseSet,
     lora: &'a LoraModule,
     base_tensor: String,
     w0: TensorRef<'a>,
@@ -305,6 +313,7 @@ impl Gate {
                 );
             }
             jobs.push(Job {
+                base,
                 lora,
                 base_tensor,
                 w0,
@@ -339,7 +348,8 @@ impl Gate {
                 )
             }
             Method::Brand => {
-                let (spectrum, source, warning) = self.base_spectrum(&job.base_tensor, &job.w0)?;
+                let (spectrum, source, warning) =
+                    self.base_spectrum(job.base, &job.base_tensor, &job.w0)?;
                 timings.insert("base_spectrum".into(), ms(t));
                 let oriented;
                 let base = if job.transposed {
@@ -445,14 +455,18 @@ impl Gate {
     /// The base spectrum of one stored base tensor (its own orientation), via the cache.
     fn base_spectrum(
         &self,
+        base: &BaseSet,
         name: &str,
         w0: &TensorRef<'_>,
     ) -> Result<(Arc<Spectrum>, Source, Option<String>)> {
         let key = self.key(name, w0);
         let started = Instant::now();
-        let (s, source, warning) = self.cache.get_or_compute(&key, || {
+        let computed = self.cache.get_or_compute(&key, || {
             self.backend.thin_svd(&w0.to_f32(), w0.rows, w0.cols)
-        })?;
+        });
+        // Fingerprinting and computing read the whole tensor; its pages need not stay resident.
+        base.release(name);
+        let (s, source, warning) = computed?;
         self.metrics.record_cache(match source {
             Source::MemoryHit => CacheResult::MemoryHit,
             Source::DiskHit => CacheResult::DiskHit,
@@ -499,7 +513,7 @@ impl Gate {
                 .par_iter()
                 .map(|name| {
                     let w0 = base.matrix(name)?;
-                    let (_, source, warning) = self.base_spectrum(name, &w0)?;
+                    let (_, source, warning) = self.base_spectrum(&base, name, &w0)?;
                     if let Some(w) = warning {
                         crate::bail!(Io, "{w}");
                     }

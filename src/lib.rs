@@ -6,6 +6,7 @@
 pub mod adapter;
 pub mod backend;
 pub mod base;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -68,8 +68,10 @@ pub struct ModuleReport {
     pub outside_base_span: Vec<f64>,
     /// Indices j whose `max_cos` lies within `EPSILON_BAND` of ε: the verdict there is fragile.
     pub near_epsilon: Vec<usize>,
-    /// How the triplets were found: "davidson", "dense-core" (the iterative solve did not converge; exact
-    /// fallback), or "dense" (the reference method).
+    /// How the triplets were found: "davidson" (iterative, residual-checked), "dense-core"
+    /// (exact SVD of the small Brand core, chosen when r is large relative to min(out, in)),
+    /// "dense-core-fallback" (the iterative solve did not converge within its budget), or
+    /// "dense" (the reference method).
     pub solver: String,
     /// Where the base spectrum came from: "memory_hit", "disk_hit", "computed",
     /// "rebuilt_corrupt", or "none" (dense method).
@@ -170,7 +172,7 @@ impl Report {
             if !m.near_epsilon.is_empty() {
                 flags.push(format!("near-eps{:?}", m.near_epsilon));
             }
-            if m.solver == "dense-core" {
+            if m.solver == "dense-core-fallback" {
                 flags.push("dense-fallback".into());
             }
             s += &format!(

@@ -115,6 +115,29 @@ impl SafetensorsFile {
         self.tensors.get(name)
     }
 
+    /// Drops this tensor's pages from the process's resident set (the map stays valid: pages
+    /// are read again from the file on the next access). Keeps a scan's memory bounded by the
+    /// modules in flight rather than by every tensor it has touched.
+    pub fn release(&self, name: &str) {
+        let Some(info) = self.tensors.get(name) else {
+            return;
+        };
+        let page = 4096;
+        let start = (self.data_offset + info.start).div_ceil(page) * page;
+        let end = (self.data_offset + info.end) / page * page;
+        if end > start {
+            // SAFETY: a read-only private file mapping; dropping its pages cannot change what
+            // is read from it, only when it is read from disk.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
         let info = self.tensors.get(name)?;
         Some(&self.mmap[self.data_offset + info.start..self.data_offset + info.end])

@@ -193,3 +193,131 @@ pub fn write_base(
         .collect();
     safetensors_file::write(path, &t, &BTreeMap::new())
 }
+
+/// The seven linear modules of one Llama-style decoder layer: (path, out, in).
+pub fn llama_layer_modules(
+    layer: usize,
+    hidden: usize,
+    intermediate: usize,
+) -> Vec<(String, usize, usize)> {
+    let attn = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|m| {
+        (
+            format!("model.layers.{layer}.self_attn.{m}"),
+            hidden,
+            hidden,
+        )
+    });
+    let mlp = [
+        ("gate_proj", intermediate, hidden),
+        ("up_proj", intermediate, hidden),
+        ("down_proj", hidden, intermediate),
+    ]
+    .map(|(m, o, i)| (format!("model.layers.{layer}.mlp.{m}"), o, i));
+    attn.into_iter().chain(mlp).collect()
+}
+
+/// A large weight-like matrix, cheap to generate (no SVD): a Gaussian bulk with decaying column
+/// scales `(1+j)^-0.3` (a Marchenko–Pastur-like bulk bent into a slow power-law decay) plus four
+/// rank-one outliers of strength 8, 6, 5, 4 × the bulk's top — the shape of trained LLM spectra.
+/// Rows are generated in parallel from per-row seeds, so the result does not depend on threads.
+pub fn llm_like_matrix(seed: u64, rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut rng = Rng::new(seed);
+    let unit = |rng: &mut Rng, n: usize| {
+        let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        v.into_iter().map(|x| x / norm).collect::<Vec<f64>>()
+    };
+    let bulk_top = 1.0 + (cols as f64 / rows as f64).sqrt();
+    let outliers: Vec<(f64, Vec<f64>, Vec<f64>)> = [8.0, 6.0, 5.0, 4.0]
+        .iter()
+        .map(|&s| (s * bulk_top, unit(&mut rng, rows), unit(&mut rng, cols)))
+        .collect();
+    let col_scale: Vec<f64> = (0..cols)
+        .map(|j| (1.0 + j as f64).powf(-0.3) * (cols as f64).powf(0.3) / 2.0)
+        .collect();
+    let inv_sqrt = 1.0 / (rows as f64).sqrt();
+    let mut w = vec![0f32; rows * cols];
+    w.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
+        let mut r = Rng::new(seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        for (j, x) in row.iter_mut().enumerate() {
+            let mut v = r.normal() * col_scale[j] * inv_sqrt;
+            for (s, u, vv) in &outliers {
+                v += s * u[i] * vv[j];
+            }
+            *x = v as f32;
+        }
+    });
+    w
+}
+
+/// Writes a sharded Llama-shaped base (one shard per layer + `model.safetensors.index.json`).
+pub fn write_llama_base(
+    dir: &Path,
+    layers: usize,
+    hidden: usize,
+    intermediate: usize,
+    dtype: DType,
+    seed: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    let mut weight_map = serde_json::Map::new();
+    for layer in 0..layers {
+        let shard = format!("model-{:05}-of-{layers:05}.safetensors", layer + 1);
+        let tensors: Vec<_> = llama_layer_modules(layer, hidden, intermediate)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (m, out, inn))| {
+                let w = llm_like_matrix(seed ^ ((layer * 7 + i) as u64 + 1) << 20, out, inn);
+                let name = format!("{m}.weight");
+                weight_map.insert(name.clone(), shard.clone().into());
+                (name, dtype, vec![out, inn], encode(&w, dtype))
+            })
+            .collect();
+        safetensors_file::write(&dir.join(&shard), &tensors, &BTreeMap::new())?;
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    let path = dir.join("model.safetensors.index.json");
+    std::fs::write(&path, index.to_string()).map_err(|e| crate::Error::io(&path, e))
+}
+
+/// A LoRA adapter over the given Llama layers (all seven modules each), with `planted` intruder
+/// directions in the q and down projections (strength set to land above the base's top σ).
+pub fn write_llama_adapter(
+    dir: &Path,
+    layers: &[usize],
+    hidden: usize,
+    intermediate: usize,
+    rank: usize,
+    planted: usize,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let modules: Vec<SynthModule> = layers
+        .iter()
+        .flat_map(|&l| llama_layer_modules(l, hidden, intermediate))
+        .map(|(name, out, inn)| {
+            let p = if name.ends_with("q_proj") || name.ends_with("down_proj") {
+                planted
+            } else {
+                0
+            };
+            let bulk_top = 1.0 + (inn as f64 / out as f64).sqrt();
+            // scale = alpha / r = 2; 8·bulk_top is the strongest base outlier.
+            let (a, b) = lora_pair(&mut rng, out, inn, rank, p.min(rank), 6.0 * bulk_top);
+            SynthModule { name, rank, a, b }
+        })
+        .collect();
+    write_adapter(
+        dir,
+        &AdapterSpec {
+            r: rank,
+            alpha: 2.0 * rank as f64,
+            use_rslora: false,
+            dtype: DType::BF16,
+            modules: &modules,
+            rank_pattern: &[],
+            alpha_pattern: &[],
+        },
+    )
+}

@@ -146,9 +146,18 @@ fn assert_agree(label: &str, brand: &[ModuleReport], dense: &[ModuleReport]) {
     assert_eq!(brand.len(), dense.len());
     for (b, d) in brand.iter().zip(dense) {
         assert_eq!(b.base_tensor, d.base_tensor);
-        assert_eq!(
-            b.solver, "davidson",
-            "{label}: the iterative solve converged"
+        // Small ranks run the iterative solve and it converges (no fallback); r = 64 on a
+        // 120..200-wide module may choose the exact dense SVD of the small core up front.
+        let allowed: &[&str] = if b.rank <= 16 {
+            &["davidson"]
+        } else {
+            &["davidson", "dense-core"]
+        };
+        assert!(
+            allowed.contains(&b.solver.as_str()),
+            "{label}/{}: {}",
+            b.module,
+            b.solver
         );
         for (j, (x, y)) in b.singular_values.iter().zip(&d.singular_values).enumerate() {
             assert!(

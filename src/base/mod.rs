@@ -173,6 +173,13 @@ impl BaseModel {
         }
     }
 
+    /// See [`SafetensorsFile::release`].
+    pub fn release(&self, name: &str) {
+        if let Some(&i) = self.owner.get(name) {
+            self.files[i].release(name);
+        }
+    }
+
     pub fn matrix(&self, name: &str) -> Result<TensorRef<'_>> {
         let Some(&i) = self.owner.get(name) else {
             bail!(

@@ -28,6 +28,60 @@ enum Command {
     Index(IndexArgs),
     /// Generate a small synthetic base and three adapters, screen them, print what was found.
     Demo,
+    /// Time the dense method against the Brand update (cold, warm in memory, warm on disk).
+    Bench(BenchArgs),
+    /// Write a synthetic Llama-shaped base (sharded) and LoRA adapters, for benchmarks and the GPU check.
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output directory: base/, adapter/ (all layers) and adapter-layer0/.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    layers: usize,
+    #[arg(long, default_value_t = 4096)]
+    hidden: usize,
+    #[arg(long, default_value_t = 11008)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Intruder directions planted in each q_proj and down_proj.
+    #[arg(long, default_value_t = 2)]
+    planted: usize,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DTypeArg,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The MiniLM base (scripts/fetch-minilm.sh prints its path); with --fixtures, benches the three real adapters.
+    #[arg(long)]
+    minilm: Option<PathBuf>,
+    #[arg(long, default_value = "../shared/fixtures/minilm")]
+    fixtures: PathBuf,
+    /// Also bench one synthetic Llama-7B layer (q,k,v,o 4096², gate/up 11008×4096, down 4096×11008) at these ranks.
+    #[arg(long, value_delimiter = ',')]
+    llama_ranks: Vec<usize>,
+    /// Repetitions of the Brand runs (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Repetitions of the dense method.
+    #[arg(long, default_value_t = 3)]
+    dense_reps: usize,
+    /// Scratch directory for generated models and caches.
+    #[arg(long, default_value = "target/bench")]
+    work: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Args)]
@@ -115,6 +169,8 @@ fn main() -> ExitCode {
         Command::Scan(a) => scan(a),
         Command::Index(a) => index(a),
         Command::Demo => demo(),
+        Command::Synth(a) => synth(a),
+        Command::Bench(a) => bench(a),
     };
     match result {
         Ok(code) => code,
@@ -216,5 +272,79 @@ fn demo() -> Result<ExitCode, Error> {
     let result = intruder_gate::demo::run(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     print!("{}", result?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn synth(a: SynthArgs) -> Result<ExitCode, Error> {
+    use intruder_gate::synth;
+    use intruder_gate::tensor::DType;
+    let dtype = match a.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    };
+    let (h, i) = (a.hidden, a.intermediate);
+    synth::write_llama_base(&a.out.join("base"), a.layers, h, i, dtype, a.seed)?;
+    let all: Vec<usize> = (0..a.layers).collect();
+    synth::write_llama_adapter(
+        &a.out.join("adapter"),
+        &all,
+        h,
+        i,
+        a.rank,
+        a.planted,
+        a.seed + 1,
+    )?;
+    synth::write_llama_adapter(
+        &a.out.join("adapter-layer0"),
+        &[0],
+        h,
+        i,
+        a.rank,
+        a.planted,
+        a.seed + 1,
+    )?;
+    println!(
+        "wrote {} (base: {} layers × 7 modules, {h}/{i}; adapters r={})",
+        a.out.display(),
+        a.layers,
+        a.rank
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench(a: BenchArgs) -> Result<ExitCode, Error> {
+    use intruder_gate::bench;
+    std::fs::create_dir_all(&a.work).map_err(|e| Error::io(&a.work, e))?;
+    let mut rows = Vec::new();
+    if let Some(base) = &a.minilm {
+        for name in ["lora_r2", "lora_r16_qv", "rslora_r16"] {
+            let row = bench::measure(
+                &format!("MiniLM {name}"),
+                base,
+                &a.fixtures.join(name),
+                &a.work,
+                a.reps,
+                a.dense_reps,
+            )?;
+            eprint!("{}", bench::table(std::slice::from_ref(&row)));
+            rows.push(row);
+        }
+    }
+    for &r in &a.llama_ranks {
+        let (base, adapter) = bench::llama_layer(&a.work, r)?;
+        let row = bench::measure(
+            &format!("Llama-7B layer r={r}"),
+            &base,
+            &adapter,
+            &a.work,
+            a.reps,
+            a.dense_reps,
+        )?;
+        eprint!("{}", bench::table(std::slice::from_ref(&row)));
+        rows.push(row);
+    }
+    let threads = rayon::current_num_threads();
+    println!("{threads} threads\n\n{}", bench::table(&rows));
     Ok(ExitCode::SUCCESS)
 }

@@ -31,7 +31,8 @@ pub struct BrandSolution {
     /// Orthonormal residual bases outside the base spans: out×p_B and in×p_A.
     pub p_b: Mat<f64>,
     pub p_a: Mat<f64>,
-    /// "davidson" or "dense-core" (the iterative solve did not converge in budget).
+    /// "davidson"; "dense-core" (chosen up front: r is large relative to min(out, in)); or
+    /// "dense-core-fallback" (the iterative solve did not converge within its budget).
     pub solver: &'static str,
 }
 
@@ -179,25 +180,25 @@ fn split(
     let bt = MatRef::from_row_major_slice(basis, rho, n);
     let mut res = Mat::<f64>::from_fn(n, r, |i, j| fm[(i, j)] as f64);
     let f_norm = res.norm_l2();
-    // Two passes of classical Gram–Schmidt against the base vectors keep the residual
-    // orthogonal to them even when it is small relative to the factor.
+    // Classical Gram–Schmidt against the base vectors, repeated only when the residual is
+    // small relative to the factor (then one pass leaves it measurably non-orthogonal).
+    let mut coef = m.clone();
     for pass in 0..2 {
-        let coef = if pass == 0 {
-            m.clone()
-        } else {
-            let res32 = Mat::<f32>::from_fn(n, r, |i, j| res[(i, j)] as f32);
-            let c = bt * res32.as_ref();
-            let c64 = Mat::<f64>::from_fn(rho, r, |i, j| c[(i, j)] as f64);
-            m += &c64;
-            c64
-        };
+        let before = res.norm_l2();
         let coef32 = Mat::<f32>::from_fn(rho, r, |i, j| coef[(i, j)] as f32);
         let back = bt.transpose() * coef32.as_ref();
-        for i in 0..n {
-            for j in 0..r {
+        for j in 0..r {
+            for i in 0..n {
                 res[(i, j)] -= back[(i, j)] as f64;
             }
         }
+        if pass == 1 || res.norm_l2() > 0.5 * before {
+            break;
+        }
+        let res32 = Mat::<f32>::from_fn(n, r, |i, j| res[(i, j)] as f32);
+        let c = bt * res32.as_ref();
+        coef = Mat::<f64>::from_fn(rho, r, |i, j| c[(i, j)] as f64);
+        m += &coef;
     }
     if res.norm_l2() <= 1e-7 * f_norm {
         return Ok((m, Mat::zeros(n, 0), Mat::zeros(0, r)));
@@ -241,10 +242,23 @@ pub fn solve(
         r: stack(&m_a, &r_a),
         scale: up.scale,
     };
-    // Start from the top base directions and the adapter's left factor: the top left singular
-    // space of W' lies close to their span, so the Krylov solve needs only a few blocks.
     let n_l = core.l.nrows();
     let lead = (want + 8).min(rho);
+    // Cost-aware: when the start block would already cover half the core (large r relative to
+    // min(out, in)), the iterative solve cannot pay off; a dense SVD of the small core is exact
+    // and cheaper than anything on W' itself.
+    if 2 * (lead + r) >= n_l {
+        let triplets = dense_top(&core.dense(), want)?;
+        return Ok(BrandSolution {
+            rho,
+            triplets,
+            p_b,
+            p_a,
+            solver: "dense-core",
+        });
+    }
+    // Start from the top base directions and the adapter's left factor: the top left singular
+    // space of W' lies close to their span, so the solve needs only a few blocks.
     let start = Mat::<f64>::from_fn(n_l, lead + r, |i, j| {
         if j < lead {
             f64::from(u8::from(i == j))
@@ -255,7 +269,7 @@ pub fn solve(
     let (triplets, solver) = match krylov::top_triplets(&core, want, Some(start.as_ref()), settings)
     {
         Some(t) => (t, "davidson"),
-        None => (dense_top(&core.dense(), want)?, "dense-core"),
+        None => (dense_top(&core.dense(), want)?, "dense-core-fallback"),
     };
     Ok(BrandSolution {
         rho,

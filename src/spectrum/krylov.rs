@@ -199,34 +199,54 @@ fn rayleigh_ritz(
 }
 
 /// Orthonormalises `new` against the first `m` columns of `q` and among itself, appending what
-/// survives after column `m`; returns how many columns were added. Each column is projected out
-/// until a pass no longer shrinks it by half (Daniel–Gragg–Kaufman–Stewart), so even a column
-/// that lies almost inside the span comes out orthogonal to working precision; a column that
-/// keeps shrinking is inside the span and dropped.
+/// survives after column `m`; returns how many columns were added. Two block Gram–Schmidt
+/// passes against the existing basis (matrix products), then each column against the ones added
+/// before it, repeated until a pass no longer shrinks it by half (Daniel–Gragg–Kaufman–Stewart):
+/// even a column that lies almost inside the span comes out orthogonal to working precision,
+/// and one that keeps shrinking is inside the span and dropped.
 fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -> usize {
+    let mut v = new.to_owned();
+    let norms0: Vec<f64> = (0..v.ncols()).map(|j| v.col(j).norm_l2()).collect();
+    if m > 0 {
+        for _ in 0..2 {
+            let basis = q.as_ref().subcols(0, m);
+            let coef = basis.transpose() * &v;
+            matmul(v.as_mut(), Accum::Add, basis, coef.as_ref(), -1.0, Par::Seq);
+        }
+    }
     let cap = q.ncols() - m;
     let mut added = 0;
-    for j in 0..new.ncols() {
+    for (j, &norm0) in norms0.iter().enumerate() {
         if added == cap {
             break;
         }
-        let mut v = new.col(j).to_owned();
-        let norm0 = v.norm_l2();
         if norm0 == 0.0 || !norm0.is_finite() {
             continue;
         }
-        let mut norm = norm0;
-        let mut independent = false;
-        for _ in 0..4 {
-            let basis = q.as_ref().subcols(0, m + added);
-            let coef = basis.transpose() * &v;
-            matmul(v.as_mut(), Accum::Add, basis, coef.as_ref(), -1.0, Par::Seq);
-            let after = v.norm_l2();
+        let mut col = v.col(j).to_owned();
+        let mut norm = col.norm_l2();
+        let mut independent = norm > 0.5 * norm0;
+        for pass in 0..4 {
+            // After the block passes only the columns added in this call are new; a column
+            // that shrank a lot is re-projected against the whole basis.
+            let from = if pass == 0 && independent { m } else { 0 };
+            let basis = q.as_ref().subcols(from, m + added - from);
+            let coef = basis.transpose() * &col;
+            matmul(
+                col.as_mut(),
+                Accum::Add,
+                basis,
+                coef.as_ref(),
+                -1.0,
+                Par::Seq,
+            );
+            let after = col.norm_l2();
             if after <= 1e-13 * norm0 {
+                independent = false;
                 break;
             }
-            if after > 0.5 * norm {
-                independent = true;
+            independent = after > 0.5 * norm;
+            if independent {
                 break;
             }
             norm = after;
@@ -234,9 +254,9 @@ fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -
         if !independent {
             continue;
         }
-        let nv = v.norm_l2();
-        for r in 0..v.nrows() {
-            q[(r, m + added)] = v[r] / nv;
+        let nv = col.norm_l2();
+        for r in 0..col.nrows() {
+            q[(r, m + added)] = col[r] / nv;
         }
         added += 1;
     }

@@ -1,0 +1,211 @@
+//! `intruder-gate bench`: the dense method against the Brand update, on the same inputs, in one
+//! run. `dense` is what the paper's code and PEFT's `reduce_intruder_dimension` do (f32 thin SVDs
+//! of `W0` and `W'`, then `max |U'ᵀ U0|`), implemented here with the same SVD library;
+//! `brand-cold` includes computing the base spectra; `brand-warm` finds them cached in memory
+//! (a long-lived gate) or on disk (a fresh process). Speed lives here, never in unit tests.
+
+use crate::adapter::{self, Adapter};
+use crate::backend::BackendChoice;
+use crate::base::{mapping, BaseModel};
+use crate::error::Result;
+use crate::report::Report;
+use crate::spectrum::dense;
+use crate::{Config, Gate};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One configuration's timings (seconds, medians) and checks.
+pub struct Row {
+    pub name: String,
+    pub modules: usize,
+    pub dense: f64,
+    pub brand_cold: f64,
+    pub brand_warm_memory: f64,
+    pub brand_warm_disk: f64,
+    /// Peak RSS of a fresh `intruder-gate scan` process screening from the disk cache.
+    pub warm_scan_peak_rss_mib: f64,
+    pub dense_intruders: usize,
+    pub brand_intruders: usize,
+    /// Module-by-module intruder indices equal, outside ties and the band around ε.
+    pub verdicts_agree: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
+    let t = Instant::now();
+    let x = f()?;
+    Ok((t.elapsed().as_secs_f64(), x))
+}
+
+/// The paper/PEFT method on every module: f32 SVDs of `W0` and `W'`. Returns intruder indices.
+fn dense_f32(
+    base: &BaseModel,
+    adapter: &Adapter,
+    k: usize,
+    epsilon: f64,
+) -> Result<Vec<Vec<usize>>> {
+    let names: Vec<&str> = adapter.modules.iter().map(|m| m.name.as_str()).collect();
+    let targets = mapping::map_modules(&names, &base.matrix_names())?;
+    let mut pairs: Vec<_> = adapter.modules.iter().zip(targets).collect();
+    pairs.sort_by(|a, b| a.1.cmp(&b.1));
+    pairs
+        .iter()
+        .map(|(m, t)| {
+            let w0 = base.matrix(t)?;
+            let (out, inn) = (w0.rows, w0.cols);
+            let w = w0.to_f32();
+            let delta = faer::MatRef::from_row_major_slice(&m.b, out, m.rank)
+                * faer::MatRef::from_row_major_slice(&m.a, m.rank, inn);
+            let w1 = faer::Mat::<f32>::from_fn(out, inn, |i, j| {
+                w[i * inn + j] + m.scale as f32 * delta[(i, j)]
+            });
+            let d = dense::compare(
+                faer::MatRef::from_row_major_slice(&w, out, inn),
+                w1.as_ref(),
+                k,
+            )?;
+            Ok((0..d.max_cos.len())
+                .filter(|&j| d.max_cos[j] < epsilon)
+                .collect())
+        })
+        .collect()
+}
+
+fn gate(cache: Option<&Path>, memory: bool) -> Result<Gate> {
+    Gate::new(Config {
+        cache_dir: cache.map(Path::to_path_buf),
+        memory_cache_bytes: if memory { 8 << 30 } else { 0 },
+        backend: BackendChoice::Cpu,
+        ..Config::default()
+    })
+}
+
+fn agree(dense: &[Vec<usize>], brand: &Report) -> bool {
+    dense.iter().zip(&brand.modules).all(|(d, b)| {
+        (0..b.max_cos.len())
+            .filter(|j| !b.tied.contains(j) && !b.near_epsilon.contains(j))
+            .all(|j| d.contains(&j) == b.intruders.contains(&j))
+    })
+}
+
+/// Peak RSS (MiB) of `intruder-gate scan` run as a child on the warm disk cache.
+fn warm_scan_rss(base: &Path, adapter: &Path, cache: &Path) -> Result<f64> {
+    let exe = std::env::current_exe().map_err(|e| crate::Error::io(Path::new("current_exe"), e))?;
+    let status = std::process::Command::new(exe)
+        .args(["scan", "--backend", "cpu", "--format", "json", "--base"])
+        .arg(base)
+        .arg("--adapter")
+        .arg(adapter)
+        .arg("--cache-dir")
+        .arg(cache)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| crate::Error::io(Path::new("intruder-gate scan"), e))?;
+    if !status.success() {
+        crate::bail!(Internal, "warm scan child failed: {status}");
+    }
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    Ok(usage.ru_maxrss as f64 / 1024.0)
+}
+
+/// Times one base + adapter configuration. `reps` repetitions for the cheap methods, `dense_reps`
+/// for the dense one (minutes per repetition at LLM scale).
+pub fn measure(
+    name: &str,
+    base_path: &Path,
+    adapter_path: &Path,
+    scratch: &Path,
+    reps: usize,
+    dense_reps: usize,
+) -> Result<Row> {
+    let base = BaseModel::open(base_path, &Default::default())?;
+    let adapter = adapter::load_peft_dir(adapter_path, &Default::default())?;
+    let mut dense_times = Vec::new();
+    let mut dense_intruders = Vec::new();
+    for _ in 0..dense_reps.max(1) {
+        let (t, d) = timed(|| dense_f32(&base, &adapter, 10, 0.5))?;
+        dense_times.push(t);
+        dense_intruders = d;
+    }
+    let (mut cold, mut warm_mem, mut warm_disk) = (Vec::new(), Vec::new(), Vec::new());
+    let mut report = None;
+    let cache_root = scratch.join(format!("bench-cache-{name}"));
+    for rep in 0..reps.max(1) {
+        let cache = cache_root.join(rep.to_string());
+        let _ = std::fs::remove_dir_all(&cache);
+        let g = gate(Some(&cache), true)?;
+        g.attach_base(base_path)?;
+        cold.push(timed(|| g.screen(&adapter))?.0);
+        let (t, r) = timed(|| g.screen(&adapter))?;
+        warm_mem.push(t);
+        report = Some(r);
+        let fresh = gate(Some(&cache), false)?;
+        fresh.attach_base(base_path)?;
+        warm_disk.push(timed(|| fresh.screen(&adapter))?.0);
+    }
+    let report = report.expect("at least one repetition");
+    let rss = warm_scan_rss(base_path, adapter_path, &cache_root.join("0"))?;
+    let _ = std::fs::remove_dir_all(&cache_root);
+    Ok(Row {
+        name: name.to_string(),
+        modules: adapter.modules.len(),
+        dense: median(dense_times),
+        brand_cold: median(cold),
+        brand_warm_memory: median(warm_mem),
+        brand_warm_disk: median(warm_disk),
+        warm_scan_peak_rss_mib: rss,
+        dense_intruders: dense_intruders.iter().map(Vec::len).sum(),
+        brand_intruders: report.total_intruders,
+        verdicts_agree: agree(&dense_intruders, &report),
+    })
+}
+
+/// The Markdown table the README shows.
+pub fn table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| configuration | modules | dense | brand-cold | brand-warm (memory) | brand-warm (disk) | dense / warm (memory) | dense / warm (disk) | dense / cold | warm scan peak RSS | intruders dense / brand | verdicts |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let t = |x: f64| {
+        if x < 1.0 {
+            format!("{:.1} ms", x * 1e3)
+        } else {
+            format!("{x:.2} s")
+        }
+    };
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {:.0}× | {:.0}× | {:.2}× | {:.0} MiB | {} / {} | {} |\n",
+            r.name,
+            r.modules,
+            t(r.dense),
+            t(r.brand_cold),
+            t(r.brand_warm_memory),
+            t(r.brand_warm_disk),
+            r.dense / r.brand_warm_memory,
+            r.dense / r.brand_warm_disk,
+            r.dense / r.brand_cold,
+            r.warm_scan_peak_rss_mib,
+            r.dense_intruders,
+            r.brand_intruders,
+            if r.verdicts_agree { "identical" } else { "DIFFER" }
+        );
+    }
+    s
+}
+
+/// The synthetic Llama layer of the benchmark, written once under `dir`.
+pub fn llama_layer(dir: &Path, rank: usize) -> Result<(PathBuf, PathBuf)> {
+    let base = dir.join("llama-layer-base");
+    if !base.join("model.safetensors.index.json").exists() {
+        crate::synth::write_llama_base(&base, 1, 4096, 11008, crate::tensor::DType::BF16, 7)?;
+    }
+    let adapter = dir.join(format!("llama-layer-r{rank}"));
+    crate::synth::write_llama_adapter(&adapter, &[0], 4096, 11008, rank, 2, 8)?;
+    Ok((base, adapter))
+}
