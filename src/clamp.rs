@@ -268,11 +268,9 @@ impl Gate {
         let targets = targets(adapter, report, opts.target)?;
         let k = self.config().top_k;
         let solved = self.solve_modules(adapter, &|_: &str| k + 1)?;
-        let modules = adapter
-            .modules
+        let modules = solved
             .iter()
-            .zip(&solved)
-            .map(|(lora, s)| clamp_module(lora, s, &targets[&lora.name], opts))
+            .map(|s| clamp_module(module(adapter, &s.module)?, s, &targets[&s.module], opts))
             .collect::<Result<Vec<_>>>()?;
         Ok(ClampedAdapter {
             name: adapter.name.clone(),
@@ -283,6 +281,19 @@ impl Gate {
             modules,
         })
     }
+}
+
+fn module<'a>(adapter: &'a Adapter, name: &str) -> Result<&'a LoraModule> {
+    adapter
+        .modules
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("adapter {} has no module {name}", adapter.name),
+            )
+        })
 }
 
 /// Module name → indices to clamp, after checking that the report describes this adapter.
@@ -516,8 +527,8 @@ impl Gate {
         let modules = old
             .iter()
             .zip(&new)
-            .zip(&candidate.modules)
-            .map(|((o, n), c)| {
+            .map(|(o, n)| {
+                let c = module(candidate, &o.module)?;
                 let cm = clamped.module(&o.module).ok_or_else(|| {
                     Error::new(
                         ErrorKind::InvalidArgument,
