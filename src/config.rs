@@ -2,6 +2,7 @@
 
 use crate::backend::BackendChoice;
 use crate::limits::Limits;
+use crate::policy::Policy;
 use crate::report::Method;
 use crate::spectrum::cache::CacheDType;
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ pub struct Config {
     /// Device memory budget for the CUDA backend.
     pub gpu_memory_bytes: Option<usize>,
     pub limits: Limits,
+    /// Turns a report into a verdict.
+    pub policy: Policy,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             threads: 0,
             gpu_memory_bytes: None,
             limits: Limits::default(),
+            policy: Policy::default(),
         }
     }
 }
@@ -80,7 +84,7 @@ impl Config {
                 self.krylov_tolerance
             );
         }
-        Ok(())
+        self.policy.validate()
     }
 }
 

@@ -95,6 +95,9 @@ pub fn run(dir: &Path) -> Result<String> {
                     r.total_intruders
                 )
                 .ok();
+                if let Some(e) = &r.error {
+                    writeln!(out, "  malformed ({}): {}", e.kind, e.message).ok();
+                }
                 for m in &r.modules {
                     writeln!(
                         out,

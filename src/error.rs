@@ -43,6 +43,20 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
         }
     }
+
+    /// The adapter itself is malformed or does not fit the base (as opposed to a bad call, an
+    /// I/O failure or a bug): the policy may turn these into a `reject` verdict.
+    pub fn is_validation(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Format
+                | ErrorKind::Shape
+                | ErrorKind::NonFinite
+                | ErrorKind::Unsupported
+                | ErrorKind::BaseMismatch
+                | ErrorKind::Limit
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

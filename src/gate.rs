@@ -8,8 +8,9 @@ use crate::base::{mapping, BaseModel};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::{CacheResult, Info, Metrics, MetricsConfig, ScreenOutcome};
-use crate::report::{classify, Method, ModuleReport, Report, Verdict, SCHEMA_VERSION};
-use crate::spectrum::brand::{self, Update};
+use crate::policy::OnInvalid;
+use crate::report::{classify, Method, ModuleReport, Report, ReportError, Verdict, SCHEMA_VERSION};
+use crate::spectrum::brand::{self, BrandSolution, Update};
 use crate::spectrum::cache::{Key, Source, SpectrumCache};
 use crate::spectrum::dense;
 use crate::spectrum::krylov::KrylovSettings;
@@ -89,6 +90,17 @@ struct Job<'a> {
     w0: TensorRef<'a>,
     /// The stored base tensor is `[in, out]` (`fan_in_fan_out`).
     transposed: bool,
+}
+
+/// One module's Brand solution, with the base spectrum in `W0`'s `[out, in]` orientation (what
+/// [`BrandSolution::singular_vectors`] lifts into).
+pub(crate) struct Solved {
+    pub module: String,
+    pub base_tensor: String,
+    pub sol: BrandSolution,
+    pub base: Arc<Spectrum>,
+    source: Source,
+    warning: Option<String>,
 }
 
 pub struct Gate {
@@ -208,14 +220,15 @@ impl Gate {
     /// Loads and screens a PEFT adapter directory.
     pub fn screen_adapter_dir(&self, dir: &Path) -> Result<Report> {
         let started = Instant::now();
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let adapter = adapter::load_peft_dir(dir, &self.config.limits);
-        match adapter {
+        match adapter::load_peft_dir(dir, &self.config.limits) {
             Ok(a) => self.screen(&a),
-            Err(e) => Err(self.record_failure(&name, &e, started)),
+            Err(e) => {
+                let name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                self.finish(&name, Err(e), started)
+            }
         }
     }
 
@@ -223,6 +236,21 @@ impl Gate {
     pub fn screen(&self, adapter: &Adapter) -> Result<Report> {
         let started = Instant::now();
         let result = self.screen_inner(adapter, started);
+        self.finish(&adapter.name, result, started)
+    }
+
+    /// Applies the policy's `on_invalid` to a validation error, then records the outcome.
+    fn finish(&self, adapter: &str, result: Result<Report>, started: Instant) -> Result<Report> {
+        let result = match result {
+            Err(e)
+                if e.kind().is_validation()
+                    && self.config.policy.on_invalid == OnInvalid::Reject =>
+            {
+                self.metrics.record_error(e.kind().label());
+                Ok(self.rejected(adapter, e))
+            }
+            r => r,
+        };
         match result {
             Ok(report) => {
                 let outcome = match report.verdict {
@@ -232,7 +260,7 @@ impl Gate {
                     Verdict::Reject => ScreenOutcome::Reject,
                 };
                 self.metrics.record_screening(
-                    &adapter.name,
+                    adapter,
                     outcome,
                     report.total_intruders as u64,
                     report.modules.len() as u64,
@@ -240,7 +268,7 @@ impl Gate {
                 );
                 Ok(report)
             }
-            Err(e) => Err(self.record_failure(&adapter.name, &e, started)),
+            Err(e) => Err(self.record_failure(adapter, &e, started)),
         }
     }
 
@@ -254,6 +282,26 @@ impl Gate {
             started.elapsed().as_secs_f64(),
         );
         e.clone()
+    }
+
+    /// The report of an adapter refused before any maths: no modules, verdict `reject`.
+    fn rejected(&self, adapter: &str, e: Error) -> Report {
+        let label = self.base.read().label();
+        let mut report = self.assemble(
+            label,
+            Some(adapter.to_string()),
+            None,
+            vec![],
+            BTreeMap::new(),
+            vec![],
+        );
+        report.verdict = Verdict::Reject;
+        report.fired_rules.clear();
+        report.error = Some(ReportError {
+            kind: e.kind().label(),
+            message: e.message().to_string(),
+        });
+        report
     }
 
     fn screen_inner(&self, adapter: &Adapter, started: Instant) -> Result<Report> {
@@ -348,38 +396,15 @@ impl Gate {
                 )
             }
             Method::Brand => {
-                let (spectrum, source, warning) =
-                    self.base_spectrum(job.base, &job.base_tensor, &job.w0)?;
-                timings.insert("base_spectrum".into(), ms(t));
-                let oriented;
-                let base = if job.transposed {
-                    oriented = transpose_spectrum(&spectrum);
-                    &oriented
-                } else {
-                    spectrum.as_ref()
-                };
-                let t = Instant::now();
-                let sol = brand::solve(
-                    self.backend.as_ref(),
-                    &Update {
-                        base,
-                        a: &lora.a,
-                        b: &lora.b,
-                        rank: lora.rank,
-                        scale: lora.scale,
-                    },
-                    k + 1,
-                    &self.krylov_settings(),
-                )?;
-                timings.insert("update".into(), ms(t));
-                let (mc, out) = (sol.max_cos(), sol.outside_base_span());
+                let solved = self.brand_solve(job, k + 1, &mut timings)?;
+                let (mc, out) = (solved.sol.max_cos(), solved.sol.outside_base_span());
                 (
-                    sol.triplets.sigma,
+                    solved.sol.triplets.sigma,
                     mc,
                     out,
-                    sol.solver,
-                    source.label(),
-                    warning,
+                    solved.sol.solver,
+                    solved.source.label(),
+                    solved.warning,
                 )
             }
         };
@@ -399,6 +424,66 @@ impl Gate {
             ),
             warning,
         ))
+    }
+
+    /// Plans `adapter` and solves every module for its top `want(module)` triplets by the Brand
+    /// update (whatever the configured method: clamping needs the Brand quantities), in parallel.
+    /// The result is sorted by module name.
+    pub(crate) fn solve_modules(
+        &self,
+        adapter: &Adapter,
+        want: &(dyn Fn(&str) -> usize + Sync),
+    ) -> Result<Vec<Solved>> {
+        let base = self.base.read();
+        let jobs = self.plan(&base, adapter)?;
+        let mut solved = self.pool.install(|| {
+            jobs.par_iter()
+                .map(|j| self.brand_solve(j, want(&j.lora.name), &mut BTreeMap::new()))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        solved.sort_by(|a, b| a.module.cmp(&b.module));
+        Ok(solved)
+    }
+
+    /// The top `want` triplets of one planned module's `W'` by the Brand update.
+    fn brand_solve(
+        &self,
+        job: &Job<'_>,
+        want: usize,
+        timings: &mut BTreeMap<String, f64>,
+    ) -> Result<Solved> {
+        let t = Instant::now();
+        let (spectrum, source, warning) =
+            self.base_spectrum(job.base, &job.base_tensor, &job.w0)?;
+        timings.insert("base_spectrum".into(), ms(t));
+        let base = if job.transposed {
+            Arc::new(transpose_spectrum(&spectrum))
+        } else {
+            spectrum
+        };
+        let t = Instant::now();
+        let lora = job.lora;
+        let sol = brand::solve(
+            self.backend.as_ref(),
+            &Update {
+                base: &base,
+                a: &lora.a,
+                b: &lora.b,
+                rank: lora.rank,
+                scale: lora.scale,
+            },
+            want,
+            &self.krylov_settings(),
+        )?;
+        timings.insert("update".into(), ms(t));
+        Ok(Solved {
+            module: lora.name.clone(),
+            base_tensor: job.base_tensor.clone(),
+            sol,
+            base,
+            source,
+            warning,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -611,6 +696,7 @@ impl Gate {
         warnings: Vec<String>,
     ) -> Report {
         let total: usize = modules.iter().map(|m| m.intruders.len()).sum();
+        let (verdict, fired_rules) = self.config.policy.evaluate(&modules);
         Report {
             schema_version: SCHEMA_VERSION,
             tool_version: env!("CARGO_PKG_VERSION"),
@@ -624,11 +710,9 @@ impl Gate {
             top_k: self.config.top_k,
             epsilon: self.config.epsilon,
             tie_tolerance: self.config.tie_tolerance,
-            verdict: if total == 0 {
-                Verdict::Accept
-            } else {
-                Verdict::Warn
-            },
+            verdict,
+            fired_rules,
+            error: None,
             total_intruders: total,
             modules_with_intruders: modules.iter().filter(|m| !m.intruders.is_empty()).count(),
             modules,

@@ -1,5 +1,6 @@
 //! The screening report: per module and in total, with a fixed JSON schema (`schema_version`).
 
+use crate::policy::FiredRule;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -130,11 +131,24 @@ pub struct Report {
     pub epsilon: f64,
     pub tie_tolerance: f64,
     pub verdict: Verdict,
+    /// The policy rules that fired, in policy order; the most severe one set the verdict.
+    pub fired_rules: Vec<FiredRule>,
+    /// Why a malformed adapter was rejected (the policy turned a validation error into `reject`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ReportError>,
     pub total_intruders: usize,
     pub modules_with_intruders: usize,
     pub modules: Vec<ModuleReport>,
     pub timings_ms: BTreeMap<String, f64>,
     pub warnings: Vec<String>,
+}
+
+/// A validation error carried by a `reject` report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReportError {
+    /// [`crate::ErrorKind::label`].
+    pub kind: &'static str,
+    pub message: String,
 }
 
 impl Report {
@@ -192,6 +206,12 @@ impl Report {
             self.total_intruders,
             self.verdict.label()
         );
+        for f in &self.fired_rules {
+            s += &format!("  rule fired: {}\n", f.reason);
+        }
+        if let Some(e) = &self.error {
+            s += &format!("  rejected: {} error: {}\n", e.kind, e.message);
+        }
         for w in &self.warnings {
             s += &format!("warning: {w}\n");
         }

@@ -23,7 +23,7 @@ fn setup(dir: &Path, seed: u64) -> Planted {
         &PlantedSpec {
             shapes: &SHAPES,
             rank: 8,
-            planted: 2,
+            planted: &[2],
             base_dtype: DType::F32,
             adapter_dtype: DType::F32,
             use_rslora: false,

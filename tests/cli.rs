@@ -13,7 +13,7 @@ fn planted_in(dir: &Path, planted_dirs: usize) -> Planted {
         &PlantedSpec {
             shapes: &[("layers.0.attn.q", 64, 64), ("layers.0.mlp.up", 96, 64)],
             rank: 4,
-            planted: planted_dirs,
+            planted: &[planted_dirs],
             base_dtype: DType::F32,
             adapter_dtype: DType::F32,
             use_rslora: false,
@@ -56,7 +56,8 @@ fn fail_on_sets_the_exit_code() {
         Some(0)
     );
     let text = String::from_utf8(scan(&p.base, &p.adapter, &[]).stdout).unwrap();
-    assert!(text.contains("verdict: warn"), "{text}");
+    // Intruders in 2 of 2 modules: the default policy's fraction rule clamps.
+    assert!(text.contains("verdict: clamp"), "{text}");
 }
 
 /// One corruption of a valid adapter directory, and a phrase its error must contain.
@@ -144,9 +145,13 @@ fn every_malformed_adapter_exits_2_with_a_clear_error_and_no_panic() {
         assert!(err.starts_with("error:"), "{what}: {err}");
         assert!(err.contains(phrase), "{what}: `{phrase}` not in: {err}");
         assert!(!err.contains("panicked"), "{what}: {err}");
+        // With the default policy an invalid adapter's report is a reject without any module
+        // screened; I/O errors fail the call and print no report at all.
+        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.stdout.is_empty(),
-            "{what}: no report for an invalid adapter"
+            stdout.is_empty()
+                || (stdout.contains("verdict: reject") && stdout.contains("0 modules")),
+            "{what}: {stdout}"
         );
     }
 }
@@ -162,7 +167,7 @@ fn adapters_that_do_not_fit_the_base_exit_2() {
         &PlantedSpec {
             shapes: &[("decoder.block.3.ffn", 64, 64)],
             rank: 4,
-            planted: 0,
+            planted: &[0],
             base_dtype: DType::F32,
             adapter_dtype: DType::F32,
             use_rslora: false,
@@ -188,7 +193,7 @@ fn adapters_that_do_not_fit_the_base_exit_2() {
         &PlantedSpec {
             shapes: &[("layers.0.attn.q", 64, 32), ("layers.0.mlp.up", 96, 64)],
             rank: 4,
-            planted: 0,
+            planted: &[0],
             base_dtype: DType::F32,
             adapter_dtype: DType::F32,
             use_rslora: false,
@@ -238,11 +243,12 @@ fn demo_runs_and_finds_the_planted_intruders() {
         "{text}"
     );
     assert!(
-        text.contains("adapter `planted`: verdict warn, 4 intruder dimensions"),
+        text.contains("adapter `planted`: verdict clamp, 4 intruder dimensions"),
         "{text}"
     );
     assert!(
-        text.contains("adapter `malformed`: refused (non_finite)"),
+        text.contains("adapter `malformed`: verdict reject, 0 intruder dimensions")
+            && text.contains("malformed (non_finite)"),
         "{text}"
     );
 }

@@ -36,7 +36,7 @@ fn without_a_gpu_auto_falls_back_and_cuda_is_a_clean_error() {
         &PlantedSpec {
             shapes: &[("layers.0.attn.q", 64, 64)],
             rank: 4,
-            planted: 1,
+            planted: &[1],
             base_dtype: DType::F32,
             adapter_dtype: DType::F32,
             use_rslora: false,
@@ -125,7 +125,7 @@ fn cuda_and_cpu_agree_on_minilm_and_planted_adapters() {
                 ("layers.0.mlp.down", 256, 512),
             ],
             rank: 16,
-            planted: 2,
+            planted: &[2],
             base_dtype: DType::BF16,
             adapter_dtype: DType::F16,
             use_rslora: false,

@@ -1,6 +1,9 @@
 //! The input layer end to end: real PEFT adapters, and every malformed input refused with
 //! the right kind and a message that says why.
 
+mod common;
+
+use common::fixtures;
 use intruder_gate::adapter::{load_peft_dir, Adapter, AdapterConfig, LoraModule};
 use intruder_gate::base::{map_modules, BaseModel};
 use intruder_gate::limits::Limits;
@@ -8,20 +11,7 @@ use intruder_gate::safetensors_file::{write, SafetensorsFile};
 use intruder_gate::tensor::{encode, DType};
 use intruder_gate::{Error, ErrorKind};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    let local = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/minilm"
-    ));
-    if local.is_dir() {
-        return local.to_path_buf();
-    }
-    std::env::var_os("INTRUDER_GATE_FIXTURES")
-        .map(PathBuf::from)
-        .expect("MiniLM fixtures: not next to the crate and INTRUDER_GATE_FIXTURES unset")
-}
+use std::path::Path;
 
 fn limits() -> Limits {
     Limits::default()

@@ -209,7 +209,7 @@ fn brand_matches_dense_on_planted_intruders_all_shapes_ranks_and_dtypes() {
                 &PlantedSpec {
                     shapes: &shapes,
                     rank,
-                    planted: 2,
+                    planted: &[2],
                     base_dtype: bd,
                     adapter_dtype: ad,
                     use_rslora: false,
@@ -244,7 +244,7 @@ fn rslora_and_rank_alpha_patterns_give_each_module_its_own_scale() {
         &PlantedSpec {
             shapes: &shapes,
             rank: 8,
-            planted: 1,
+            planted: &[1],
             base_dtype: DType::F32,
             adapter_dtype: DType::F32,
             use_rslora: true,
@@ -278,7 +278,7 @@ fn a_clean_adapter_has_no_intruders() {
         &PlantedSpec {
             shapes: &[("layers.0.attn.q", 128, 128)],
             rank: 8,
-            planted: 0,
+            planted: &[0],
             base_dtype: DType::F32,
             adapter_dtype: DType::F32,
             use_rslora: false,

@@ -3,9 +3,11 @@
 
 pub mod config;
 mod load;
+mod write;
 
 pub use config::AdapterConfig;
 pub use load::load_peft_dir;
+pub use write::write_peft_dir;
 
 use crate::bail;
 use crate::error::Result;

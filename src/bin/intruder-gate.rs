@@ -1,10 +1,15 @@
-//! The command line: `scan`, `index`, `demo`. Exit 0 on success, 1 when the verdict reaches
-//! `--fail-on`, 2 on any error (with a message on stderr starting `error:`).
+//! The command line: `scan`, `clamp`, `index`, `demo`. Exit 0 on success, 1 when the verdict
+//! reaches `--fail-on` or `clamp --verify` fails, 2 on any error (with a message on stderr
+//! starting `error:`), including a malformed adapter that the policy rejected.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use intruder_gate::adapter::load_peft_dir;
 use intruder_gate::backend::BackendChoice;
+use intruder_gate::policy::OnInvalid;
 use intruder_gate::report::{Method, Report, Verdict};
 use intruder_gate::spectrum::cache::CacheDType;
+use intruder_gate::tensor::DType;
+use intruder_gate::{ClampMode, ClampOptions, Policy, Target};
 use intruder_gate::{Config, Error, Gate};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +29,8 @@ struct Cli {
 enum Command {
     /// Screen a PEFT adapter (or a fully fine-tuned model) against its base.
     Scan(ScanArgs),
+    /// Scale the intruders of a PEFT adapter by lambda and write the result as a PEFT adapter.
+    Clamp(ClampArgs),
     /// Precompute the base-spectrum cache for a whole base model.
     Index(IndexArgs),
     /// Generate a small synthetic base and three adapters, screen them, print what was found.
@@ -84,6 +91,16 @@ enum DTypeArg {
     Bf16,
 }
 
+impl From<DTypeArg> for intruder_gate::tensor::DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => Self::F32,
+            DTypeArg::F16 => Self::F16,
+            DTypeArg::Bf16 => Self::BF16,
+        }
+    }
+}
+
 #[derive(Args)]
 struct Common {
     /// Base model: a safetensors file, or a directory (sharded or not).
@@ -105,20 +122,72 @@ struct Common {
     threads: usize,
 }
 
+/// The intruder test's settings, shared by `scan` and `clamp`.
+#[derive(Args)]
+struct Screening {
+    #[arg(long, default_value_t = 10)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.5)]
+    epsilon: f64,
+}
+
+#[derive(Args)]
+struct ClampArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    screening: Screening,
+    /// PEFT adapter directory to clamp.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory for the clamped PEFT adapter.
+    #[arg(long)]
+    out: PathBuf,
+    /// Factor for each clamped singular value (0 removes the direction; > 1 amplifies it).
+    #[arg(long, default_value_t = 0.75)]
+    lambda: f64,
+    #[arg(long, value_enum, default_value = "all")]
+    target: TargetArg,
+    #[arg(long, value_enum, default_value = "exact")]
+    mode: ModeArg,
+    /// Pad every module with zeros to this rank (servers with a fixed max_lora_rank).
+    #[arg(long)]
+    pad_rank_to: Option<usize>,
+    /// Output dtype (default: the input's).
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
+    /// Reload the written adapter, re-screen it and check the clamp; exit 1 if it fails.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    All,
+    Top1,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Exact,
+    RankPreserving,
+}
+
 #[derive(Args)]
 struct ScanArgs {
     #[command(flatten)]
     common: Common,
+    #[command(flatten)]
+    screening: Screening,
+    /// Verdict rules (JSON; see docs/policy-and-clamping.md). Default: the built-in policy.
+    #[arg(long)]
+    policy: Option<PathBuf>,
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long, required_unless_present = "tuned", conflicts_with = "tuned")]
     adapter: Option<PathBuf>,
     /// A fully fine-tuned model to compare with the base (dense method).
     #[arg(long)]
     tuned: Option<PathBuf>,
-    #[arg(long, default_value_t = 10)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0.5)]
-    epsilon: f64,
     #[arg(long, value_enum, default_value = "brand")]
     method: MethodArg,
     #[arg(long, value_enum, default_value = "text")]
@@ -167,6 +236,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Scan(a) => scan(a),
+        Command::Clamp(a) => clamp(a),
         Command::Index(a) => index(a),
         Command::Demo => demo(),
         Command::Synth(a) => synth(a),
@@ -209,9 +279,17 @@ fn config(c: &Common) -> Config {
 }
 
 fn scan(a: ScanArgs) -> Result<ExitCode, Error> {
+    let policy = match &a.policy {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            Policy::parse(&text).map_err(|e| e.context(p.display()))?
+        }
+        None => Policy::default(),
+    };
     let cfg = Config {
-        top_k: a.top_k,
-        epsilon: a.epsilon,
+        top_k: a.screening.top_k,
+        epsilon: a.screening.epsilon,
+        policy,
         method: match a.method {
             MethodArg::Brand => Method::Brand,
             MethodArg::Dense => Method::Dense,
@@ -226,6 +304,10 @@ fn scan(a: ScanArgs) -> Result<ExitCode, Error> {
         (None, None) => unreachable!("clap requires one"),
     };
     print_report(&report, a.format);
+    if let Some(e) = &report.error {
+        eprintln!("error: {}", e.message);
+        return Ok(ExitCode::from(2));
+    }
     let threshold = a.fail_on.map(|f| match f {
         FailOn::Warn => Verdict::Warn,
         FailOn::Clamp => Verdict::Clamp,
@@ -242,6 +324,92 @@ fn print_report(r: &Report, format: Format) {
         Format::Json => println!("{}", r.to_json()),
         Format::Text => print!("{}", r.to_text()),
     }
+}
+
+fn clamp(a: ClampArgs) -> Result<ExitCode, Error> {
+    let cfg = Config {
+        top_k: a.screening.top_k,
+        epsilon: a.screening.epsilon,
+        // A malformed adapter cannot be clamped: fail rather than report.
+        policy: Policy {
+            on_invalid: OnInvalid::Fail,
+            ..Policy::default()
+        },
+        ..config(&a.common)
+    };
+    let opts = ClampOptions {
+        lambda: a.lambda,
+        target: match a.target {
+            TargetArg::All => Target::All,
+            TargetArg::Top1 => Target::Top1,
+        },
+        mode: match a.mode {
+            ModeArg::Exact => ClampMode::Exact,
+            ModeArg::RankPreserving => ClampMode::RankPreserving,
+        },
+    };
+    let dtype = a.dtype.map(DType::from);
+    let gate = Gate::new(cfg)?;
+    gate.attach_base(&a.common.base)?;
+    let adapter = load_peft_dir(&a.adapter, &gate.config().limits)?;
+    let report = gate.screen(&adapter)?;
+    let clamped = gate.clamp(&adapter, &report, &opts)?;
+    clamped.write_peft(&a.out, dtype, a.pad_rank_to)?;
+    for m in clamped.modules.iter().filter(|m| !m.clamped.is_empty()) {
+        let dirs: Vec<String> = m
+            .clamped
+            .iter()
+            .map(|d| {
+                format!(
+                    "sigma[{}]={:.4} (max|cos| {:.3})",
+                    d.index, d.sigma, d.max_cos
+                )
+            })
+            .collect();
+        let trunc = m.truncation.map_or(String::new(), |t| {
+            format!(", truncation error {:.2e}", t.relative)
+        });
+        println!(
+            "{}: rank {} -> {}: {}{trunc}",
+            m.name,
+            report_rank(&report, &m.name),
+            m.rank,
+            dirs.join(", ")
+        );
+    }
+    println!(
+        "clamped {} directions in {} of {} modules by lambda {} ({:?}, {:?}); wrote {}",
+        clamped.clamped_directions(),
+        clamped
+            .modules
+            .iter()
+            .filter(|m| !m.clamped.is_empty())
+            .count(),
+        clamped.modules.len(),
+        opts.lambda,
+        opts.target,
+        opts.mode,
+        a.out.display()
+    );
+    if !a.verify {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let written = load_peft_dir(&a.out, &gate.config().limits)?;
+    let verification = gate.verify_clamp(&adapter, &clamped, &written)?;
+    print!("{verification}");
+    Ok(if verification.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn report_rank(report: &Report, module: &str) -> usize {
+    report
+        .modules
+        .iter()
+        .find(|m| m.module == module)
+        .map_or(0, |m| m.rank)
 }
 
 fn index(a: IndexArgs) -> Result<ExitCode, Error> {
@@ -277,12 +445,7 @@ fn demo() -> Result<ExitCode, Error> {
 
 fn synth(a: SynthArgs) -> Result<ExitCode, Error> {
     use intruder_gate::synth;
-    use intruder_gate::tensor::DType;
-    let dtype = match a.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::Bf16 => DType::BF16,
-    };
+    let dtype = a.dtype.into();
     let (h, i) = (a.hidden, a.intermediate);
     synth::write_llama_base(&a.out.join("base"), a.layers, h, i, dtype, a.seed)?;
     let all: Vec<usize> = (0..a.layers).collect();

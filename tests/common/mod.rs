@@ -55,7 +55,8 @@ pub struct Planted {
 pub struct PlantedSpec<'a> {
     pub shapes: &'a [(&'a str, usize, usize)],
     pub rank: usize,
-    pub planted: usize,
+    /// Intruder directions planted per module (the last count repeats for further modules).
+    pub planted: &'a [usize],
     pub base_dtype: DType,
     pub adapter_dtype: DType,
     pub use_rslora: bool,
@@ -85,13 +86,15 @@ pub fn planted(dir: &Path, spec: &PlantedSpec<'_>) -> Planted {
     let modules: Vec<SynthModule> = spec
         .shapes
         .iter()
-        .map(|&(m, out, inn)| {
+        .enumerate()
+        .map(|(i, &(m, out, inn))| {
+            let p = spec.planted[i.min(spec.planted.len() - 1)];
             let rank = spec
                 .rank_pattern
                 .iter()
                 .find(|(k, _)| m.ends_with(k.as_str()))
                 .map_or(spec.rank, |(_, r)| *r);
-            let (a, b) = synth::lora_pair(&mut rng, out, inn, rank, spec.planted.min(rank), 4.0);
+            let (a, b) = synth::lora_pair(&mut rng, out, inn, rank, p.min(rank), 4.0);
             SynthModule {
                 name: m.to_string(),
                 rank,
@@ -115,4 +118,30 @@ pub fn planted(dir: &Path, spec: &PlantedSpec<'_>) -> Planted {
     )
     .unwrap();
     Planted { base, adapter }
+}
+
+pub const PLANTED: [(&str, usize, usize); 3] = [
+    ("model.layers.0.self_attn.q_proj", 96, 96),
+    ("model.layers.0.self_attn.v_proj", 96, 128),
+    ("model.layers.0.mlp.down_proj", 64, 160),
+];
+
+/// Three modules (`PLANTED`), r = 8, alpha 16, f32, with `counts[i]` intruders planted in module
+/// i. Returns (base file, adapter dir).
+pub fn planted_trio(dir: &Path, counts: [usize; 3], seed: u64) -> (PathBuf, PathBuf) {
+    let p = planted(
+        dir,
+        &PlantedSpec {
+            shapes: &PLANTED,
+            rank: 8,
+            planted: &counts,
+            base_dtype: DType::F32,
+            adapter_dtype: DType::F32,
+            use_rslora: false,
+            rank_pattern: &[],
+            alpha_pattern: &[],
+            seed,
+        },
+    );
+    (p.base, p.adapter)
 }

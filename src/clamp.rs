@@ -1,0 +1,700 @@
+//! The paper's intervention: scale intruder singular values by λ and hand the result back as a
+//! LoRA adapter (DESIGN.md, "The definition").
+//!
+//! For the clamped set J of a module, `ΔW'' = s·B·A + (λ − 1)·Σ_{j∈J} σ'_j u'_j v'_jᵀ`, with
+//! `u'_j = [U0 P_B]·x_j` and `v'_j = [V0 P_A]·y_j` lifted from the Brand solution (no SVD of `W'`).
+//!
+//! **Scale convention.** Every clamped module has scale 1 (`lora_alpha = r` per module): the
+//! module's own scale is folded into B, so `B'' = [s·B, (λ−1)σ'_j u'_j …]` and
+//! `A'' = [A; v'_jᵀ …]`. Both blocks keep the magnitudes of the input (unit vectors on A's side,
+//! σ-sized columns on B's), and a server that ignores `rank_pattern` / `alpha_pattern` (vLLM reads
+//! only `r` and `lora_alpha`) still applies the right scale, because it is 1 everywhere.
+
+use crate::adapter::{self, Adapter, LoraModule};
+use crate::error::{Error, ErrorKind, Result};
+use crate::gate::{Gate, Solved};
+use crate::report::Report;
+use crate::tensor::{DType, TensorRef};
+use faer::Mat;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Which intruders of a module are clamped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Every intruder in the top k (PEFT's `reduce_intruder_dimension`).
+    All,
+    /// The highest-ranked intruder of each module (the paper's experiments).
+    Top1,
+}
+
+/// How `ΔW''` is returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClampMode {
+    /// Exactly, as a LoRA of rank r + m (m = directions clamped in that module).
+    Exact,
+    /// Its best rank-r approximation (what PEFT does), with the truncation error reported.
+    RankPreserving,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ClampOptions {
+    /// Factor applied to each clamped singular value; 1 changes nothing, 0 removes the direction.
+    pub lambda: f64,
+    pub target: Target,
+    pub mode: ClampMode,
+}
+
+impl Default for ClampOptions {
+    /// λ = 0.75 and every intruder, as PEFT; exact, so nothing but the intruders changes.
+    fn default() -> Self {
+        ClampOptions {
+            lambda: 0.75,
+            target: Target::All,
+            mode: ClampMode::Exact,
+        }
+    }
+}
+
+impl ClampOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            crate::bail!(
+                InvalidArgument,
+                "lambda must be finite and at least 0, got {}",
+                self.lambda
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One singular direction of `W'` that was scaled.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClampedDirection {
+    /// Position among the top k of `W'` (0 = largest).
+    pub index: usize,
+    /// `σ'_j` before the clamp.
+    pub sigma: f64,
+    pub max_cos: f64,
+}
+
+/// The error of a rank-preserving truncation `ΔW'' → ΔW''_r`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Truncation {
+    /// `‖ΔW'' − ΔW''_r‖_F / ‖ΔW''‖_F`.
+    pub relative: f64,
+    /// `‖ΔW'' − ΔW''_r‖_F`: by Weyl, no singular value of `W''` moves by more.
+    pub absolute: f64,
+}
+
+/// One module of a clamped adapter: `ΔW'' = B·A` (scale 1).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClampedModule {
+    pub name: String,
+    pub base_tensor: String,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub rank: usize,
+    /// `[rank, in]`, row-major.
+    #[serde(skip)]
+    pub a: Vec<f32>,
+    /// `[out, rank]`, row-major.
+    #[serde(skip)]
+    pub b: Vec<f32>,
+    pub clamped: Vec<ClampedDirection>,
+    /// Rank-preserving mode, modules with clamped directions only.
+    pub truncation: Option<Truncation>,
+}
+
+impl ClampedModule {
+    /// Always 1 (see the module docs); `lora_alpha` is therefore `rank`.
+    pub const SCALE: f64 = 1.0;
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClampedAdapter {
+    pub name: String,
+    pub options: ClampOptions,
+    /// The input's dtype: what [`ClampedAdapter::write_peft`] writes unless told otherwise.
+    #[serde(skip)]
+    pub dtype: DType,
+    pub fan_in_fan_out: bool,
+    /// The input directory, whose `adapter_config.json` fields the written config keeps.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+    /// Sorted by name; every module of the input, clamped or not.
+    pub modules: Vec<ClampedModule>,
+}
+
+impl ClampedAdapter {
+    pub fn module(&self, name: &str) -> Option<&ClampedModule> {
+        self.modules.iter().find(|m| m.name == name)
+    }
+
+    /// Number of directions clamped over all modules.
+    pub fn clamped_directions(&self) -> usize {
+        self.modules.iter().map(|m| m.clamped.len()).sum()
+    }
+
+    /// The adapter as it would be written: factors rounded to `dtype` and, with `pad_rank_to`,
+    /// padded with zero rows of A / columns of B (which change nothing) to that rank.
+    pub fn to_adapter(&self, dtype: DType, pad_rank_to: Option<usize>) -> Result<Adapter> {
+        let modules = self
+            .modules
+            .iter()
+            .map(|m| {
+                let rank = match pad_rank_to {
+                    Some(n) if n < m.rank => crate::bail!(
+                        InvalidArgument,
+                        "module {}: rank {} does not fit --pad-rank-to {n}",
+                        m.name,
+                        m.rank
+                    ),
+                    Some(n) => n,
+                    None => m.rank,
+                };
+                let mut a = round_to(&m.a, dtype);
+                a.resize(rank * m.in_features, 0.0);
+                let b_in = round_to(&m.b, dtype);
+                let mut b = vec![0.0; m.out_features * rank];
+                for (row, src) in b.chunks_mut(rank).zip(b_in.chunks(m.rank)) {
+                    row[..m.rank].copy_from_slice(src);
+                }
+                Ok(LoraModule {
+                    name: m.name.clone(),
+                    rank,
+                    in_features: m.in_features,
+                    out_features: m.out_features,
+                    a,
+                    b,
+                    alpha: rank as f64 * ClampedModule::SCALE,
+                    scale: ClampedModule::SCALE,
+                    dtype,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut adapter =
+            Adapter::from_modules(&self.name, modules, &crate::limits::Limits::default())?;
+        adapter.fan_in_fan_out = self.fan_in_fan_out;
+        Ok(adapter)
+    }
+
+    /// Writes a PEFT adapter directory (see [`adapter::write_peft_dir`]) in `dtype` (default: the
+    /// input's), optionally padded to a fixed rank for servers with a `max_lora_rank`.
+    pub fn write_peft(
+        &self,
+        dir: &Path,
+        dtype: Option<DType>,
+        pad_rank_to: Option<usize>,
+    ) -> Result<()> {
+        let adapter = self.to_adapter(dtype.unwrap_or(self.dtype), pad_rank_to)?;
+        let provenance = serde_json::json!({
+            "tool": concat!("intruder-gate ", env!("CARGO_PKG_VERSION")),
+            "clamp": self,
+        });
+        adapter::write_peft_dir(dir, &adapter, self.source.as_deref(), &provenance)
+    }
+
+    /// `out = W0 + ΔW''` for one module, in the stored base tensor's layout (`[in, out]` when
+    /// `fan_in_fan_out`): for servers that merge instead of running a LoRA.
+    pub fn merge_into(&self, module: &str, base: &TensorRef<'_>, out: &mut [f32]) -> Result<()> {
+        let Some(m) = self.module(module) else {
+            crate::bail!(
+                InvalidArgument,
+                "the clamped adapter has no module {module}"
+            );
+        };
+        let stored = if self.fan_in_fan_out {
+            (m.in_features, m.out_features)
+        } else {
+            (m.out_features, m.in_features)
+        };
+        if (base.rows, base.cols) != stored || out.len() != base.len() {
+            crate::bail!(
+                Shape,
+                "module {module}: base is [{}, {}] with an output of {} values; expected [{}, {}]",
+                base.rows,
+                base.cols,
+                out.len(),
+                stored.0,
+                stored.1
+            );
+        }
+        let bm = faer::MatRef::from_row_major_slice(&m.b, m.out_features, m.rank);
+        let am = faer::MatRef::from_row_major_slice(&m.a, m.rank, m.in_features);
+        let delta = bm * am;
+        let w0 = base.to_f32();
+        for (idx, (o, w)) in out.iter_mut().zip(&w0).enumerate() {
+            let (i, j) = (idx / base.cols, idx % base.cols);
+            let d = if self.fan_in_fan_out {
+                delta[(j, i)]
+            } else {
+                delta[(i, j)]
+            };
+            *o = w + d;
+        }
+        Ok(())
+    }
+}
+
+/// What f32 values become once stored as `dtype` and read back.
+fn round_to(v: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 | DType::F64 => v.to_vec(),
+        DType::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+        DType::BF16 => v
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect(),
+    }
+}
+
+impl Gate {
+    /// Clamps the intruders `report` found in `adapter` (the report of screening this adapter on
+    /// this gate). Every module is returned, unclamped ones with their factors unchanged (scale
+    /// folded into B). The Brand solution is recomputed per module; base spectra are cached.
+    pub fn clamp(
+        &self,
+        adapter: &Adapter,
+        report: &Report,
+        opts: &ClampOptions,
+    ) -> Result<ClampedAdapter> {
+        opts.validate()?;
+        let targets = targets(adapter, report, opts.target)?;
+        let k = self.config().top_k;
+        let solved = self.solve_modules(adapter, &|_: &str| k + 1)?;
+        let modules = solved
+            .iter()
+            .map(|s| clamp_module(module(adapter, &s.module)?, s, &targets[&s.module], opts))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClampedAdapter {
+            name: adapter.name.clone(),
+            options: *opts,
+            dtype: adapter.modules[0].dtype,
+            fan_in_fan_out: adapter.fan_in_fan_out,
+            source: adapter.path.clone(),
+            modules,
+        })
+    }
+}
+
+fn module<'a>(adapter: &'a Adapter, name: &str) -> Result<&'a LoraModule> {
+    adapter
+        .modules
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("adapter {} has no module {name}", adapter.name),
+            )
+        })
+}
+
+/// Module name → indices to clamp, after checking that the report describes this adapter.
+fn targets(
+    adapter: &Adapter,
+    report: &Report,
+    target: Target,
+) -> Result<BTreeMap<String, Vec<usize>>> {
+    let mismatch = |why: String| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "the report does not describe adapter {}: {why}",
+                adapter.name
+            ),
+        )
+    };
+    if report.modules.len() != adapter.modules.len() {
+        return Err(mismatch(format!(
+            "{} modules screened, {} in the adapter",
+            report.modules.len(),
+            adapter.modules.len()
+        )));
+    }
+    let mut out = BTreeMap::new();
+    for m in &report.modules {
+        let Some(lora) = adapter.modules.iter().find(|l| l.name == m.module) else {
+            return Err(mismatch(format!("no module {}", m.module)));
+        };
+        if m.rank != lora.rank || m.shape != [lora.out_features, lora.in_features] {
+            return Err(mismatch(format!("module {} differs in shape", m.module)));
+        }
+        let idx = match target {
+            Target::All => m.intruders.clone(),
+            Target::Top1 => m.intruders.iter().copied().min().into_iter().collect(),
+        };
+        out.insert(m.module.clone(), idx);
+    }
+    Ok(out)
+}
+
+fn clamp_module(
+    lora: &LoraModule,
+    s: &Solved,
+    dirs: &[usize],
+    opts: &ClampOptions,
+) -> Result<ClampedModule> {
+    let (out, inn, r) = (lora.out_features, lora.in_features, lora.rank);
+    let sigma = &s.sol.triplets.sigma;
+    if let Some(&j) = dirs.iter().find(|&&j| j >= sigma.len()) {
+        crate::bail!(
+            InvalidArgument,
+            "module {}: the report names direction {j}, but only {} were solved",
+            lora.name,
+            sigma.len()
+        );
+    }
+    let max_cos = s.sol.max_cos();
+    let m = dirs.len();
+    // L = B'' (out × (r+m)), R = A''ᵀ (in × (r+m)).
+    let mut l = Mat::<f64>::from_fn(out, r + m, |i, c| {
+        if c < r {
+            lora.scale * lora.b[i * r + c] as f64
+        } else {
+            0.0
+        }
+    });
+    let mut rt = Mat::<f64>::from_fn(inn, r + m, |i, c| {
+        if c < r {
+            lora.a[c * inn + i] as f64
+        } else {
+            0.0
+        }
+    });
+    for (c, &j) in dirs.iter().enumerate() {
+        let (u, v) = s.sol.singular_vectors(&s.base, j);
+        let w = (opts.lambda - 1.0) * sigma[j];
+        for (i, x) in u.iter().enumerate() {
+            l[(i, r + c)] = w * x;
+        }
+        for (i, x) in v.iter().enumerate() {
+            rt[(i, r + c)] = *x;
+        }
+    }
+    let truncation = if m > 0 && opts.mode == ClampMode::RankPreserving {
+        let (lr, rr, t) = best_rank(&l, &rt, r)?;
+        (l, rt) = (lr, rr);
+        Some(t)
+    } else {
+        None
+    };
+    let rank = l.ncols();
+    Ok(ClampedModule {
+        name: lora.name.clone(),
+        base_tensor: s.base_tensor.clone(),
+        out_features: out,
+        in_features: inn,
+        rank,
+        a: (0..rank)
+            .flat_map(|c| (0..inn).map(move |i| (i, c)))
+            .map(|(i, c)| rt[(i, c)] as f32)
+            .collect(),
+        b: (0..out)
+            .flat_map(|i| (0..rank).map(move |c| (i, c)))
+            .map(|(i, c)| l[(i, c)] as f32)
+            .collect(),
+        clamped: dirs
+            .iter()
+            .map(|&j| ClampedDirection {
+                index: j,
+                sigma: sigma[j],
+                max_cos: max_cos[j],
+            })
+            .collect(),
+        truncation,
+    })
+}
+
+/// The best rank-`rank` approximation of `L·Rᵀ`, as factors (`out × rank`, `in × rank`), from
+/// thin QRs of L and R and an SVD of the small core `R_L·R_Rᵀ`: never a dense out×in SVD.
+/// Singular values are split evenly (√σ on each side) to keep both factors balanced.
+pub fn best_rank(
+    l: &Mat<f64>,
+    r: &Mat<f64>,
+    rank: usize,
+) -> Result<(Mat<f64>, Mat<f64>, Truncation)> {
+    let (ql, rl) = thin_qr(l);
+    let (qr, rr) = thin_qr(r);
+    let core = &rl * rr.transpose();
+    let svd = core
+        .thin_svd()
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("core SVD failed: {e:?}")))?;
+    let s = svd.S().column_vector();
+    let n = rank.min(s.nrows());
+    let total: f64 = (0..s.nrows()).map(|i| s[i] * s[i]).sum();
+    let tail: f64 = (n..s.nrows()).map(|i| s[i] * s[i]).sum();
+    let half = |q: &Mat<f64>, w: faer::MatRef<'_, f64>| {
+        let f = q * w.subcols(0, n);
+        Mat::from_fn(q.nrows(), rank, |i, c| {
+            if c < n {
+                f[(i, c)] * s[c].sqrt()
+            } else {
+                0.0
+            }
+        })
+    };
+    Ok((
+        half(&ql, svd.U()),
+        half(&qr, svd.V()),
+        Truncation {
+            relative: if total > 0.0 {
+                (tail / total).sqrt()
+            } else {
+                0.0
+            },
+            absolute: tail.sqrt(),
+        },
+    ))
+}
+
+fn thin_qr(m: &Mat<f64>) -> (Mat<f64>, Mat<f64>) {
+    let qr = m.qr();
+    (qr.compute_thin_Q(), qr.thin_R().to_owned())
+}
+
+/// The outcome of [`Gate::verify_clamp`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    pub passed: bool,
+    /// Relative tolerance used (by the candidate's dtype; loosened by the truncation error in
+    /// rank-preserving mode).
+    pub tolerance: f64,
+    pub modules: Vec<ModuleVerification>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DirectionCheck {
+    pub index: usize,
+    pub sigma_before: f64,
+    /// `u'_jᵀ W'' v'_j`, which the clamp makes `λ·σ'_j`.
+    pub sigma_after: f64,
+    /// `|sigma_after / sigma_before − λ|`.
+    pub factor_error: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleVerification {
+    pub module: String,
+    pub clamped: Vec<DirectionCheck>,
+    /// Largest relative difference between the re-screened top-k singular values and the
+    /// expected ones (the old spectrum with the clamped values scaled, re-sorted).
+    pub sigma_error: f64,
+    /// Largest change of max|cos| among matched, untied triplets (exact mode only).
+    pub max_cos_error: Option<f64>,
+    pub intruders_before: usize,
+    pub intruders_after: usize,
+    pub passed: bool,
+}
+
+/// max|cos| may drift by this much between two Brand solves of the same vector (at f32; rounding
+/// the factors to a half-precision dtype moves the vectors by about that dtype's tolerance).
+const COS_TOLERANCE: f64 = 1e-3;
+
+impl Gate {
+    /// Re-screens `candidate` (the clamped adapter as written, or [`ClampedAdapter::to_adapter`])
+    /// against `original` and checks, module by module, that each clamped singular value became
+    /// λ times itself, that every other top-k triplet is unchanged, and that the intruder count
+    /// at ε did not grow.
+    pub fn verify_clamp(
+        &self,
+        original: &Adapter,
+        clamped: &ClampedAdapter,
+        candidate: &Adapter,
+    ) -> Result<Verification> {
+        let (k, eps) = (self.config().top_k, self.config().epsilon);
+        let m_of = |name: &str| clamped.module(name).map_or(0, |m| m.clamped.len());
+        let want = |name: &str| k + m_of(name) + 1;
+        let old = self.solve_modules(original, &want)?;
+        let new = self.solve_modules(candidate, &want)?;
+        if old.len() != new.len() || old.iter().zip(&new).any(|(a, b)| a.module != b.module) {
+            crate::bail!(
+                InvalidArgument,
+                "the candidate adapter's modules differ from the original's"
+            );
+        }
+        let tolerance = candidate
+            .modules
+            .iter()
+            .map(|m| dtype_tolerance(m.dtype))
+            .fold(0.0, f64::max);
+        let modules = old
+            .iter()
+            .zip(&new)
+            .map(|(o, n)| {
+                let c = module(candidate, &o.module)?;
+                let cm = clamped.module(&o.module).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!("the clamped adapter has no module {}", o.module),
+                    )
+                })?;
+                Ok(verify_module(
+                    o,
+                    n,
+                    c,
+                    cm,
+                    clamped.options.lambda,
+                    k,
+                    eps,
+                    self.config().tie_tolerance,
+                    tolerance,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Verification {
+            passed: modules.iter().all(|m| m.passed),
+            tolerance,
+            modules,
+        })
+    }
+}
+
+/// Rounding a factor to the dtype perturbs singular values by about this much, relatively.
+fn dtype_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 | DType::F64 => 1e-4,
+        DType::F16 => 4e-3,
+        DType::BF16 => 3e-2,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verify_module(
+    old: &Solved,
+    new: &Solved,
+    cand: &LoraModule,
+    cm: &ClampedModule,
+    lambda: f64,
+    k: usize,
+    eps: f64,
+    tie_tolerance: f64,
+    tol: f64,
+) -> ModuleVerification {
+    let (s_old, c_old) = (&old.sol.triplets.sigma, old.sol.max_cos());
+    let (s_new, c_new) = (&new.sol.triplets.sigma, new.sol.max_cos());
+    let slack = cm.truncation.map_or(0.0, |t| t.absolute);
+    let dirs: Vec<usize> = cm.clamped.iter().map(|d| d.index).collect();
+    let mut expected: Vec<(f64, f64)> = (0..s_old.len())
+        .map(|i| {
+            let f = if dirs.contains(&i) { lambda } else { 1.0 };
+            (f * s_old[i], c_old[i])
+        })
+        .collect();
+    expected.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let top = s_old.first().copied().unwrap_or(0.0);
+    let n = k.min(expected.len()).min(s_new.len());
+    let mut sigma_error: f64 = 0.0;
+    let mut cos_error: f64 = 0.0;
+    let mut ok = true;
+    let close = |a: f64, b: f64| (a - b).abs() <= tie_tolerance * a.abs().max(b.abs());
+    for i in 0..n {
+        let (se, ce) = expected[i];
+        let d = (s_new[i] - se).abs();
+        sigma_error = sigma_error.max(d / se.max(1e-6 * top));
+        ok &= d <= tol * se.max(1e-6 * top) + slack;
+        let tied = (i > 0 && close(expected[i - 1].0, se))
+            || (i + 1 < expected.len() && close(se, expected[i + 1].0));
+        if !tied {
+            cos_error = cos_error.max((c_new[i] - ce).abs());
+        }
+    }
+    let exact = cm.truncation.is_none();
+    if exact {
+        ok &= cos_error <= COS_TOLERANCE.max(tol);
+    }
+    let clamped: Vec<DirectionCheck> = cm
+        .clamped
+        .iter()
+        .map(|d| {
+            let after = rayleigh(old, d.index, cand);
+            let factor_error = (after / d.sigma - lambda).abs();
+            ok &= factor_error <= tol + slack / d.sigma;
+            DirectionCheck {
+                index: d.index,
+                sigma_before: d.sigma,
+                sigma_after: after,
+                factor_error,
+            }
+        })
+        .collect();
+    let count = |c: &[f64]| c.iter().take(k).filter(|&&x| x < eps).count();
+    let (before, after) = (count(&c_old), count(&c_new));
+    ok &= after <= before;
+    ModuleVerification {
+        module: old.module.clone(),
+        clamped,
+        sigma_error,
+        max_cos_error: exact.then_some(cos_error),
+        intruders_before: before,
+        intruders_after: after,
+        passed: ok,
+    }
+}
+
+/// `u'_jᵀ W'' v'_j` with `W'' = W0 + s·B·A` of the candidate: `u'ᵀ W0 v'` in base coordinates
+/// (`Σ_i x_ij σ0_i y_ij`, since `U0ᵀ u' = x[:ρ]`, `V0ᵀ v' = y[:ρ]`), the LoRA part from its factors.
+fn rayleigh(old: &Solved, j: usize, cand: &LoraModule) -> f64 {
+    let (x, y) = (&old.sol.triplets.x, &old.sol.triplets.y);
+    let base: f64 = (0..old.sol.rho)
+        .map(|i| x[(i, j)] * old.base.s[i] as f64 * y[(i, j)])
+        .sum();
+    let (u, v) = old.sol.singular_vectors(&old.base, j);
+    let (r, inn) = (cand.rank, cand.in_features);
+    let ub: Vec<f64> = (0..r)
+        .map(|c| (0..u.len()).map(|i| u[i] * cand.b[i * r + c] as f64).sum())
+        .collect();
+    let av: Vec<f64> = (0..r)
+        .map(|c| (0..inn).map(|i| cand.a[c * inn + i] as f64 * v[i]).sum())
+        .collect();
+    base + cand.scale * ub.iter().zip(&av).map(|(p, q)| p * q).sum::<f64>()
+}
+
+impl fmt::Display for Verification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for m in self
+            .modules
+            .iter()
+            .filter(|m| !m.clamped.is_empty() || !m.passed)
+        {
+            writeln!(
+                f,
+                "{}: intruders {} -> {}, other top-k sigma rel err {:.1e}{} {}",
+                m.module,
+                m.intruders_before,
+                m.intruders_after,
+                m.sigma_error,
+                m.max_cos_error
+                    .map_or(String::new(), |e| format!(", max|cos| drift {e:.1e}")),
+                if m.passed { "ok" } else { "FAILED" }
+            )?;
+            for d in &m.clamped {
+                writeln!(
+                    f,
+                    "  sigma[{}] {:.6} -> {:.6} (x{:.6}, factor err {:.1e})",
+                    d.index,
+                    d.sigma_before,
+                    d.sigma_after,
+                    d.sigma_after / d.sigma_before,
+                    d.factor_error
+                )?;
+            }
+        }
+        let clamped: usize = self.modules.iter().map(|m| m.clamped.len()).sum();
+        let before: usize = self.modules.iter().map(|m| m.intruders_before).sum();
+        let after: usize = self.modules.iter().map(|m| m.intruders_after).sum();
+        writeln!(
+            f,
+            "verify: {} ({} modules, {clamped} directions clamped, intruders {before} -> {after}, tolerance {:.0e})",
+            if self.passed { "PASSED" } else { "FAILED" },
+            self.modules.len(),
+            self.tolerance
+        )
+    }
+}
