@@ -479,31 +479,23 @@ fn synth(a: SynthArgs) -> Result<ExitCode, Error> {
 fn bench(a: BenchArgs) -> Result<ExitCode, Error> {
     use intruder_gate::bench;
     std::fs::create_dir_all(&a.work).map_err(|e| Error::io(&a.work, e))?;
-    let mut rows = Vec::new();
+    let mut configs = Vec::new();
     if let Some(base) = &a.minilm {
         for name in ["lora_r2", "lora_r16_qv", "rslora_r16"] {
-            let row = bench::measure(
-                &format!("MiniLM {name}"),
-                base,
-                &a.fixtures.join(name),
-                &a.work,
-                a.reps,
-                a.dense_reps,
-            )?;
-            eprint!("{}", bench::table(std::slice::from_ref(&row)));
-            rows.push(row);
+            configs.push((
+                format!("MiniLM {name}"),
+                base.clone(),
+                a.fixtures.join(name),
+            ));
         }
     }
     for &r in &a.llama_ranks {
         let (base, adapter) = bench::llama_layer(&a.work, r)?;
-        let row = bench::measure(
-            &format!("Llama-7B layer r={r}"),
-            &base,
-            &adapter,
-            &a.work,
-            a.reps,
-            a.dense_reps,
-        )?;
+        configs.push((format!("Llama-7B layer r={r}"), base, adapter));
+    }
+    let mut rows = Vec::new();
+    for (name, base, adapter) in &configs {
+        let row = bench::measure(name, base, adapter, &a.work, a.reps, a.dense_reps)?;
         eprint!("{}", bench::table(std::slice::from_ref(&row)));
         rows.push(row);
     }
