@@ -119,7 +119,7 @@ impl Core {
                 out[(i, j)] = s * v[(i, j)];
             }
         }
-        let inner = right.transpose() * v;
+        let inner = krylov::mul(right.transpose(), v);
         matmul(
             out,
             Accum::Add,

@@ -10,8 +10,44 @@
 //! by `θ − diag(G)`. For the Brand core `G` is diagonal plus low rank, so that preconditioner is
 //! exact up to the low-rank part and a handful of steps converge where Krylov needs dozens.
 
+use faer::diag::Diag;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::evd::{self, ComputeEigenvectors};
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
+
+/// `a · b`, single-threaded: these products are small, modules are screened in parallel
+/// already, and rayon's fork/join costs more than the product itself at these sizes.
+pub(crate) fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::zeros(a.nrows(), b.ncols());
+    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
+    out
+}
+
+/// Eigen-decomposition of a small symmetric matrix, single-threaded: ascending values, vectors.
+fn symmetric_eigen(a: MatRef<'_, f64>) -> (Vec<f64>, Mat<f64>) {
+    let n = a.nrows();
+    let mut s = Diag::<f64>::zeros(n);
+    let mut u = Mat::<f64>::zeros(n, n);
+    let par = Par::Seq;
+    let params = Default::default();
+    let mut mem = MemBuffer::new(evd::self_adjoint_evd_scratch::<f64>(
+        n,
+        ComputeEigenvectors::Yes,
+        par,
+        params,
+    ));
+    evd::self_adjoint_evd(
+        a,
+        s.as_mut(),
+        Some(u.as_mut()),
+        par,
+        MemStack::new(&mut mem),
+        params,
+    )
+    .expect("eigen-decomposition of a small symmetric matrix");
+    ((0..n).map(|i| s[i]).collect(), u)
+}
 
 /// A linear operator from `R^cols` to `R^rows`, applied to blocks of column vectors.
 pub trait Operator {
@@ -63,10 +99,13 @@ pub fn top_triplets(
     }
     let block = start.map_or(want.clamp(2, 16), |b| b.ncols()).min(n);
     let max_dim = s.max_dim.min(n).max(block);
-    let mut q = Mat::<f64>::zeros(n, max_dim);
-    let mut z = Mat::<f64>::zeros(op.cols(), max_dim);
-    let mut w = Mat::<f64>::zeros(n, max_dim);
-    let mut t = Mat::<f64>::zeros(max_dim, max_dim);
+    // The basis grows on demand: zeroing max_dim columns up front cost more than the solve.
+    let (mut q, mut z, mut w, mut t) = (
+        Mat::<f64>::zeros(n, 0),
+        Mat::zeros(op.cols(), 0),
+        Mat::zeros(n, 0),
+        Mat::zeros(0, 0),
+    );
 
     let mut next = match start {
         Some(b) => b.to_owned(),
@@ -76,7 +115,15 @@ pub fn top_triplets(
     let mut m = 0;
     loop {
         let m0 = m;
-        let added = orthonormalize_into(q.as_mut(), m, next.as_ref());
+        let cap = (m + next.ncols()).min(max_dim);
+        if cap > q.ncols() {
+            let cap = cap.max(2 * q.ncols()).min(max_dim);
+            q.resize_with(n, cap, |_, _| 0.0);
+            z.resize_with(op.cols(), cap, |_, _| 0.0);
+            w.resize_with(n, cap, |_, _| 0.0);
+            t.resize_with(cap, cap, |_, _| 0.0);
+        }
+        let added = orthonormalize_into(q.as_mut().subcols_mut(0, cap), m, next.as_ref());
         let exhausted = added == 0;
         if !exhausted {
             let m1 = m + added;
@@ -89,7 +136,10 @@ pub fn top_triplets(
                 w.as_mut().subcols_mut(m0, added),
             );
             // T = Zᵀ Z, extended by the new columns (and their mirror).
-            let zt_new = z.as_ref().subcols(0, m1).transpose() * z.as_ref().subcols(m0, added);
+            let zt_new = mul(
+                z.as_ref().subcols(0, m1).transpose(),
+                z.as_ref().subcols(m0, added),
+            );
             for i in 0..m1 {
                 for j in 0..added {
                     t[(i, m0 + j)] = zt_new[(i, j)];
@@ -156,11 +206,7 @@ fn rayleigh_ritz(
     want: usize,
 ) -> RitzPairs {
     let tm = t.as_ref().submatrix(0, 0, m, m).to_owned();
-    let eig = tm
-        .self_adjoint_eigen(Side::Lower)
-        .expect("eigen-decomposition of a small symmetric matrix");
-    let vals = eig.S().column_vector();
-    let vecs = eig.U();
+    let (vals, vecs) = symmetric_eigen(tm.as_ref());
     let take = want.min(m);
     // faer returns ascending eigenvalues: take the last `take`, largest first.
     let idx: Vec<usize> = (0..take).map(|j| m - 1 - j).collect();
@@ -172,9 +218,9 @@ fn rayleigh_ritz(
             coeff[(r, c)] = vecs[(r, i)];
         }
     }
-    let x = q.as_ref().subcols(0, m) * &coeff;
-    let zc = z.as_ref().subcols(0, m) * &coeff;
-    let wc = w.as_ref().subcols(0, m) * &coeff;
+    let x = mul(q.as_ref().subcols(0, m), coeff.as_ref());
+    let zc = mul(z.as_ref().subcols(0, m), coeff.as_ref());
+    let wc = mul(w.as_ref().subcols(0, m), coeff.as_ref());
     let mut y = zc;
     let residuals = Mat::from_fn(x.nrows(), take, |r, c| {
         wc[(r, c)] - sigma[c] * sigma[c] * x[(r, c)]
@@ -210,7 +256,7 @@ fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -
     if m > 0 {
         for _ in 0..2 {
             let basis = q.as_ref().subcols(0, m);
-            let coef = basis.transpose() * &v;
+            let coef = mul(basis.transpose(), v.as_ref());
             matmul(v.as_mut(), Accum::Add, basis, coef.as_ref(), -1.0, Par::Seq);
         }
     }
