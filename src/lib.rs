@@ -9,6 +9,7 @@ pub mod base;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod ffi;
 pub mod gate;
 pub mod limits;
 pub mod metrics;
