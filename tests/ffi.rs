@@ -733,7 +733,11 @@ fn a_failed_screening_leaves_the_gate_as_it_was() {
     let broken = tempfile::tempdir().unwrap();
     std::fs::write(broken.path().join("adapter_config.json"), "{").unwrap();
     let weights = "adapter_model.safetensors";
-    std::fs::copy(adapter_dir("lora_r2").join(weights), broken.path().join(weights)).unwrap();
+    std::fs::copy(
+        adapter_dir("lora_r2").join(weights),
+        broken.path().join(weights),
+    )
+    .unwrap();
     unsafe {
         let mut r = null_mut();
         assert_status(
