@@ -217,6 +217,14 @@ impl Gate {
         Ok(())
     }
 
+    /// A base tensor as row-major f32 with its shape `(rows, cols)`, for hosts that keep their
+    /// own copy of the weights (e.g. to merge accepted adapters).
+    pub fn base_tensor_f32(&self, name: &str) -> Result<(usize, usize, Vec<f32>)> {
+        let base = self.base.read();
+        let t = base.matrix(name)?;
+        Ok((t.rows, t.cols, t.to_f32()))
+    }
+
     /// Loads and screens a PEFT adapter directory.
     pub fn screen_adapter_dir(&self, dir: &Path) -> Result<Report> {
         let started = Instant::now();

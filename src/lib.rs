@@ -12,6 +12,7 @@ pub mod clamp;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod ffi;
 pub mod gate;
 pub mod limits;
 pub mod metrics;

@@ -1,0 +1,92 @@
+//! `ig_config`: the settings of a gate, changed one at a time and checked at once.
+
+use super::{ffi_try, ffi_value, free_handle, ig_status, into_handle, str_arg, Failure};
+use crate::config::Config;
+use std::ffi::c_char;
+use std::path::PathBuf;
+
+/// Settings for `ig_gate_new`. Opaque; create with `ig_config_new`, free with `ig_config_free`.
+pub struct ig_config {
+    pub(crate) config: Config,
+}
+
+/// Applies `change` to a copy and keeps it only when the result is valid, so a rejected setting
+/// leaves the config as it was.
+///
+/// # Safety
+/// `c` is NULL or a live `ig_config` not used by another thread during the call.
+unsafe fn set(c: *mut ig_config, change: impl FnOnce(&mut Config)) -> Result<(), Failure> {
+    let c = c.as_mut().ok_or_else(|| super::invalid("config"))?;
+    let mut next = c.config.clone();
+    change(&mut next);
+    next.validate()?;
+    c.config = next;
+    Ok(())
+}
+
+/// New settings with the defaults: top_k 10, epsilon 0.5, method brand, backend auto, disk
+/// cache in the user's cache directory ($XDG_CACHE_HOME/intruder-gate). NULL only on an
+/// internal panic. Free with `ig_config_free`.
+#[no_mangle]
+pub extern "C" fn ig_config_new() -> *mut ig_config {
+    ffi_value(std::ptr::null_mut(), || {
+        into_handle(ig_config {
+            config: Config::default(),
+        })
+    })
+}
+
+/// How many top singular vectors of the adapted weight are tested (1..=4096).
+///
+/// # Safety
+/// `c` is NULL or a live config, not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn ig_config_set_top_k(c: *mut ig_config, k: u32) -> ig_status {
+    ffi_try(|| set(c, |cfg| cfg.top_k = k as usize))
+}
+
+/// A singular vector is an intruder when its max |cos| with every base singular vector is below
+/// `eps`, in (0, 1].
+///
+/// # Safety
+/// `c` is NULL or a live config, not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn ig_config_set_epsilon(c: *mut ig_config, eps: f32) -> ig_status {
+    ffi_try(|| set(c, |cfg| cfg.epsilon = eps as f64))
+}
+
+/// Directory of the on-disk base-spectrum cache; NULL disables the disk cache.
+///
+/// # Safety
+/// `c` is NULL or a live config, not used by another thread during the call; `dir` is NULL or a
+/// NUL-terminated UTF-8 string.
+#[no_mangle]
+pub unsafe extern "C" fn ig_config_set_cache_dir(
+    c: *mut ig_config,
+    dir: *const c_char,
+) -> ig_status {
+    ffi_try(|| {
+        let dir = match dir.is_null() {
+            true => None,
+            false => Some(PathBuf::from(str_arg(dir, "dir")?)),
+        };
+        set(c, |cfg| cfg.cache_dir = dir)
+    })
+}
+
+/// Frees a config. NULL is a no-op. Gates created from it keep their own copy.
+///
+/// # Safety
+/// `c` is NULL or came from `ig_config_new` and was not freed before.
+#[no_mangle]
+pub unsafe extern "C" fn ig_config_free(c: *mut ig_config) {
+    free_handle(c)
+}
+
+/// The settings `c` points to, or the defaults for NULL.
+///
+/// # Safety
+/// `c` is NULL or a live config.
+pub(crate) unsafe fn config_or_default(c: *const ig_config) -> Config {
+    c.as_ref().map(|c| c.config.clone()).unwrap_or_default()
+}
