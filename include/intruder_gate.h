@@ -326,8 +326,10 @@ void ig_adapter_free(ig_adapter *a);
 
 /**
  * New settings with the defaults: top_k 10, epsilon 0.5, method brand, backend auto, disk
- * cache in the user's cache directory ($XDG_CACHE_HOME/intruder-gate). NULL only on an
- * internal panic. Free with `ig_config_free`.
+ * cache in the user's cache directory ($XDG_CACHE_HOME/intruder-gate), the default policy.
+ * An invalid adapter (malformed file, shape or NaN, modules not in the base) fails the call
+ * with its status and `ig_last_error` rather than returning a `reject` report: C hosts branch
+ * on statuses. NULL only on an internal panic. Free with `ig_config_free`.
  */
 ig_config *ig_config_new(void);
 

@@ -92,9 +92,12 @@ fn agree(dense: &[Vec<usize>], brand: &Report) -> bool {
     })
 }
 
-/// Peak RSS (MiB) of `intruder-gate scan` run as a child on the warm disk cache.
-fn warm_scan_rss(base: &Path, adapter: &Path, cache: &Path) -> Result<f64> {
+/// Peak RSS (MiB) of `intruder-gate scan` run as a child on the warm disk cache. The child
+/// reports its own high-water mark (`VmHWM`): a parent's `getrusage(RUSAGE_CHILDREN)` would
+/// count the parent's pages shared at fork time.
+fn warm_scan_rss(base: &Path, adapter: &Path, cache: &Path, scratch: &Path) -> Result<f64> {
     let exe = std::env::current_exe().map_err(|e| crate::Error::io(Path::new("current_exe"), e))?;
+    let report = scratch.join("peak-rss.txt");
     let status = std::process::Command::new(exe)
         .args(["scan", "--backend", "cpu", "--format", "json", "--base"])
         .arg(base)
@@ -102,16 +105,39 @@ fn warm_scan_rss(base: &Path, adapter: &Path, cache: &Path) -> Result<f64> {
         .arg(adapter)
         .arg("--cache-dir")
         .arg(cache)
+        .env(PEAK_RSS_ENV, &report)
         .stdout(std::process::Stdio::null())
         .status()
         .map_err(|e| crate::Error::io(Path::new("intruder-gate scan"), e))?;
-    if !status.success() {
+    if status.code() == Some(2) || status.code().is_none() {
         crate::bail!(Internal, "warm scan child failed: {status}");
     }
-    // SAFETY: getrusage fills the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    Ok(usage.ru_maxrss as f64 / 1024.0)
+    let text = std::fs::read_to_string(&report).map_err(|e| crate::Error::io(&report, e))?;
+    let kib: f64 = text.trim().parse().map_err(|_| {
+        crate::Error::new(
+            crate::ErrorKind::Internal,
+            format!("{}: not a number", report.display()),
+        )
+    })?;
+    Ok(kib / 1024.0)
+}
+
+/// Set by `bench` for its child `scan`: the file to write the process's peak RSS (KiB) into.
+pub const PEAK_RSS_ENV: &str = "INTRUDER_GATE_PEAK_RSS_FILE";
+
+/// Writes this process's `VmHWM` (KiB) to `$INTRUDER_GATE_PEAK_RSS_FILE`, when set (Linux).
+pub fn write_peak_rss_if_asked() {
+    let Some(path) = std::env::var_os(PEAK_RSS_ENV) else {
+        return;
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(kib) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    {
+        let _ = std::fs::write(path, kib.to_string());
+    }
 }
 
 /// Times one base + adapter configuration. `reps` repetitions for the cheap methods, `dense_reps`
@@ -150,7 +176,7 @@ pub fn measure(
         warm_disk.push(timed(|| fresh.screen(&adapter))?.0);
     }
     let report = report.expect("at least one repetition");
-    let rss = warm_scan_rss(base_path, adapter_path, &cache_root.join("0"))?;
+    let rss = warm_scan_rss(base_path, adapter_path, &cache_root.join("0"), scratch)?;
     let _ = std::fs::remove_dir_all(&cache_root);
     Ok(Row {
         name: name.to_string(),

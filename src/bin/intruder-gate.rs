@@ -304,6 +304,7 @@ fn scan(a: ScanArgs) -> Result<ExitCode, Error> {
         (None, None) => unreachable!("clap requires one"),
     };
     print_report(&report, a.format);
+    intruder_gate::bench::write_peak_rss_if_asked();
     if let Some(e) = &report.error {
         eprintln!("error: {}", e.message);
         return Ok(ExitCode::from(2));

@@ -25,15 +25,24 @@ unsafe fn set(c: *mut ig_config, change: impl FnOnce(&mut Config)) -> Result<(),
 }
 
 /// New settings with the defaults: top_k 10, epsilon 0.5, method brand, backend auto, disk
-/// cache in the user's cache directory ($XDG_CACHE_HOME/intruder-gate). NULL only on an
-/// internal panic. Free with `ig_config_free`.
+/// cache in the user's cache directory ($XDG_CACHE_HOME/intruder-gate), the default policy.
+/// An invalid adapter (malformed file, shape or NaN, modules not in the base) fails the call
+/// with its status and `ig_last_error` rather than returning a `reject` report: C hosts branch
+/// on statuses. NULL only on an internal panic. Free with `ig_config_free`.
 #[no_mangle]
 pub extern "C" fn ig_config_new() -> *mut ig_config {
     ffi_value(std::ptr::null_mut(), || {
         into_handle(ig_config {
-            config: Config::default(),
+            config: c_default(),
         })
     })
+}
+
+/// The library's defaults, except that invalid adapters fail the call (see `ig_config_new`).
+fn c_default() -> Config {
+    let mut config = Config::default();
+    config.policy.on_invalid = crate::policy::OnInvalid::Fail;
+    config
 }
 
 /// How many top singular vectors of the adapted weight are tested (1..=4096).
@@ -88,5 +97,5 @@ pub unsafe extern "C" fn ig_config_free(c: *mut ig_config) {
 /// # Safety
 /// `c` is NULL or a live config.
 pub(crate) unsafe fn config_or_default(c: *const ig_config) -> Config {
-    c.as_ref().map(|c| c.config.clone()).unwrap_or_default()
+    c.as_ref().map_or_else(c_default, |c| c.config.clone())
 }
