@@ -1211,6 +1211,19 @@ mod tests {
         }
     }
 
+    /// A random rows×cols matrix of exactly rank `rank` (row-major).
+    fn low_rank(rows: usize, cols: usize, rank: usize) -> Vec<f32> {
+        let a = random32(rows * rank, 1);
+        let b = random32(rank * cols, 2);
+        (0..rows * cols)
+            .map(|ij| {
+                (0..rank)
+                    .map(|t| a[(ij / cols) * rank + t] * b[t * cols + ij % cols])
+                    .sum()
+            })
+            .collect()
+    }
+
     fn random32(len: usize, seed: u64) -> Vec<f32> {
         random(len, seed).into_iter().map(|x| x as f32).collect()
     }
@@ -1430,15 +1443,7 @@ mod tests {
         }
         // Rank 3 in 12×25 and its transpose: the zero-σ side must still be orthonormal.
         let (rows, cols, rank) = (12, 25, 3);
-        let a = random32(rows * rank, 1);
-        let b = random32(rank * cols, 2);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|ij| {
-                (0..rank)
-                    .map(|t| a[(ij / cols) * rank + t] * b[t * cols + ij % cols])
-                    .sum()
-            })
-            .collect();
+        let w = low_rank(rows, cols, rank);
         for (r, c, m) in [
             (rows, cols, w.clone()),
             (cols, rows, transpose(&w, rows, cols)),
@@ -1466,15 +1471,7 @@ mod tests {
         let Some(dev) = device() else { return };
         // Rank 5 in a 40×90: thirty-five zero σ, whose vectors must still come out orthonormal.
         let (rows, cols, rank) = (40, 90, 5);
-        let a = random32(rows * rank, 1);
-        let b = random32(rank * cols, 2);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|ij| {
-                (0..rank)
-                    .map(|t| a[(ij / cols) * rank + t] * b[t * cols + ij % cols])
-                    .sum()
-            })
-            .collect();
+        let w = low_rank(rows, cols, rank);
         for (r, c, m) in [
             (rows, cols, w.clone()),
             (cols, rows, transpose(&w, rows, cols)),
