@@ -1,13 +1,27 @@
 // A vLLM-style LoRA adapter registry over the intruder-gate C API.
 //
-//   adapter_registry [--merge] BASE  < commands
+//   adapter_registry [--merge] [--metrics-port PORT] BASE  < commands
 //
 // Commands on stdin, one per line:  load NAME DIR | unload NAME | list
 // Every adapter is screened before it is activated; rejected ones are refused with the reason.
 // Accepted adapters keep their factors unmerged (ΔW = scale·B·A applied at serving time, as
 // vLLM, SGLang and LoRAX do), or with --merge are added into the registry's own copy of the
 // base weights (and subtracted again on unload).
+// With --metrics-port, GET http://127.0.0.1:PORT/metrics serves the gate's Prometheus metrics
+// while commands are read (PORT 0 picks a free port; the port is printed on stderr). Every
+// screening is also logged to stderr through the gate's event callback.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -69,8 +83,9 @@ class Report {
 // Host-built adapter: the factors are copied into the library for screening.
 class Adapter {
  public:
-  explicit Adapter(const std::vector<Factors> &modules) : a_(ig_adapter_new()) {
+  Adapter(const std::string &name, const std::vector<Factors> &modules) : a_(ig_adapter_new()) {
     if (!a_) throw Error(IG_STATUS_INTERNAL, "ig_adapter_new failed");
+    check(ig_adapter_set_name(a_.get(), name.c_str()), "naming the adapter");
     for (const auto &m : modules)
       check(ig_adapter_add_module(a_.get(), m.base_tensor.c_str(), m.a.data(), m.b.data(), IG_DTYPE_F32,
                                   m.rank, m.in, m.out, m.scale),
@@ -111,6 +126,21 @@ class Gate {
     check(ig_gate_screen(g_.get(), a.get(), &r), "screening");
     return Report(r);
   }
+  // Prometheus text; retried because it may grow between asking the size and copying it.
+  std::string metrics() const {
+    std::string text(4096, '\0');
+    size_t needed = 0;
+    ig_status s;
+    while ((s = ig_gate_metrics(g_.get(), text.data(), text.size(), &needed)) == IG_STATUS_BUFFER_TOO_SMALL)
+      text.resize(needed);
+    check(s, "reading the metrics");
+    text.resize(needed - 1);  // the NUL
+    return text;
+  }
+  // `cb` runs on the screening thread, after each screening (here: this one thread).
+  void on_event(ig_event_callback cb, void *user_data) {
+    check(ig_gate_set_event_callback(g_.get(), cb, user_data), "setting the event callback");
+  }
   std::vector<float> base_tensor(const std::string &name, size_t &rows, size_t &cols) const {
     ig_gate_copy_base_tensor(g_.get(), name.c_str(), nullptr, 0, &rows, &cols);  // asks the size
     std::vector<float> w(rows * cols);
@@ -131,18 +161,23 @@ const char *verdict_name(ig_verdict v) {
     case IG_VERDICT_WARN: return "warn";
     case IG_VERDICT_CLAMP: return "clamp";
     case IG_VERDICT_REJECT: return "reject";
+    case IG_VERDICT_ERROR: return "error";
     default: return "invalid";
   }
 }
 
 class Registry {
  public:
-  Registry(const std::string &base, bool merge) : gate_(base), merge_(merge) {}
+  Registry(const std::string &base, bool merge) : gate_(base), merge_(merge) {
+    gate_.on_event(&Registry::log_event, &events_);
+  }
+
+  std::string metrics() const { return gate_.metrics(); }
 
   void load(const std::string &name, const std::string &dir) {
     if (active_.count(name)) throw std::runtime_error("an adapter named " + name + " is already loaded");
     std::vector<ig::Factors> factors = ig::read_peft(dir);
-    ig::Report report = gate_.screen(ig::Adapter(factors));
+    ig::Report report = gate_.screen(ig::Adapter(name, factors));
     const ig_verdict verdict = report.verdict();
     switch (verdict) {
       case IG_VERDICT_ACCEPT:
@@ -196,6 +231,13 @@ class Registry {
     std::vector<ig::Factors> factors;
   };
 
+  // Must not throw nor call back into the gate's callback setter (see the header).
+  static void log_event(const ig_event *e, void *user_data) {
+    const uint64_t n = ++*static_cast<std::atomic<uint64_t> *>(user_data);
+    std::cerr << "event " << n << ": " << e->adapter << " " << verdict_name(e->verdict) << ", " << e->intruders
+              << " intruders in " << e->modules << " modules, " << e->duration_seconds << " s\n";
+  }
+
   static std::string worst_module(const ig::Report &r) {
     const auto modules = r.modules();
     const auto worst = std::max_element(modules.begin(), modules.end(),
@@ -221,36 +263,155 @@ class Registry {
     }
   }
 
+  std::atomic<uint64_t> events_{0};  // declared before gate_: outlives its callback
   ig::Gate gate_;
   bool merge_;
   std::map<std::string, Entry> active_;
   std::map<std::string, Weight> merged_;
 };
 
+// Closes a file descriptor when it goes out of scope.
+struct Fd {
+  int fd;
+  explicit Fd(int f) : fd(f) {}
+  Fd(const Fd &) = delete;
+  Fd &operator=(const Fd &) = delete;
+  ~Fd() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+// A listening socket on 127.0.0.1:port (0 = any free port).
+int listen_on(uint16_t port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
+  Fd guard(fd);
+  const int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(port);
+  if (bind(fd, reinterpret_cast<sockaddr *>(&addr), sizeof addr) < 0 || listen(fd, 16) < 0)
+    throw std::runtime_error("listening on 127.0.0.1:" + std::to_string(port) + ": " + std::strerror(errno));
+  guard.fd = -1;
+  return fd;
+}
+
+uint16_t bound_port(int fd) {
+  sockaddr_in addr{};
+  socklen_t len = sizeof addr;
+  getsockname(fd, reinterpret_cast<sockaddr *>(&addr), &len);
+  return ntohs(addr.sin_port);
+}
+
+void send_all(int fd, const std::string &data) {
+  for (size_t sent = 0; sent < data.size();) {
+    const ssize_t n = send(fd, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) return;  // the client went away; nothing to do
+    sent += size_t(n);
+  }
+}
+
+// Answers one HTTP/1.x request on a fresh connection, then closes it. A short receive timeout
+// keeps a silent client from stalling the command loop.
+void serve_one(int listener, const Registry &registry) {
+  Fd conn(accept(listener, nullptr, nullptr));
+  if (conn.fd < 0) return;
+  const timeval timeout{2, 0};
+  setsockopt(conn.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  std::string request;
+  char buf[1024];
+  while (request.find("\r\n\r\n") == std::string::npos && request.size() < 8192) {
+    const ssize_t n = recv(conn.fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    request.append(buf, size_t(n));
+  }
+  std::istringstream line(request.substr(0, request.find("\r\n")));
+  std::string method, target;
+  line >> method >> target;
+  std::string status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8", body;
+  if (method != "GET") {
+    status = "405 Method Not Allowed", type = "text/plain", body = "only GET\n";
+  } else if (target != "/metrics") {
+    status = "404 Not Found", type = "text/plain", body = "try /metrics\n";
+  } else {
+    body = registry.metrics();
+  }
+  send_all(conn.fd, "HTTP/1.1 " + status + "\r\nContent-Type: " + type + "\r\nContent-Length: " +
+                        std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body);
+}
+
+void run_command(Registry &registry, const std::string &line) {
+  std::istringstream in(line);
+  std::string cmd, name, dir;
+  in >> cmd >> name >> dir;
+  try {
+    if (cmd == "load" && !name.empty() && !dir.empty()) registry.load(name, dir);
+    else if (cmd == "unload" && !name.empty()) registry.unload(name);
+    else if (cmd == "list") registry.list();
+    else if (!cmd.empty()) std::cout << "error: unknown command: " << line << "\n";
+  } catch (const std::exception &e) {
+    std::cout << "error: " << e.what() << "\n";
+  }
+  std::cout.flush();  // a driver waits for each answer
+}
+
+// One thread: poll() waits on stdin and, when serving, the listening socket; stdin is read
+// with read() (not std::cin) so no line sits unseen in a stream buffer while poll() waits.
+void command_loop(Registry &registry, int listener) {
+  std::string pending;
+  for (;;) {
+    pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {listener, POLLIN, 0}};
+    if (poll(fds, listener >= 0 ? 2 : 1, -1) < 0) {
+      if (errno == EINTR) continue;
+      throw std::runtime_error(std::string("poll: ") + std::strerror(errno));
+    }
+    if (listener >= 0 && (fds[1].revents & POLLIN)) serve_one(listener, registry);
+    if (!(fds[0].revents & (POLLIN | POLLHUP))) continue;
+    char buf[4096];
+    const ssize_t n = read(STDIN_FILENO, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    pending.append(buf, size_t(n));
+    for (size_t eol; (eol = pending.find('\n')) != std::string::npos; pending.erase(0, eol + 1))
+      run_command(registry, pending.substr(0, eol));
+  }
+  if (!pending.empty()) run_command(registry, pending);  // a last line without '\n'
+}
+
 int main(int argc, char **argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
-  const bool merge = !args.empty() && args[0] == "--merge";
-  if (merge) args.erase(args.begin());
+  const std::string usage = std::string("usage: ") + argv[0] +
+                            " [--merge] [--metrics-port PORT] BASE  < commands (load NAME DIR | unload NAME | list)\n";
+  bool merge = false;
+  int port = -1;
+  std::vector<std::string> args;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--merge") {
+      merge = true;
+    } else if (arg == "--metrics-port" && i + 1 < argc) {
+      char *end = nullptr;
+      const long p = std::strtol(argv[++i], &end, 10);
+      if (*end != '\0' || p < 0 || p > 65535) {
+        std::cerr << usage;
+        return 2;
+      }
+      port = int(p);
+    } else {
+      args.push_back(arg);
+    }
+  }
   if (args.size() != 1) {
-    std::cerr << "usage: " << argv[0] << " [--merge] BASE  < commands (load NAME DIR | unload NAME | list)\n";
+    std::cerr << usage;
     return 2;
   }
   try {
     Registry registry(args[0], merge);
-    std::string line;
-    while (std::getline(std::cin, line)) {
-      std::istringstream in(line);
-      std::string cmd, name, dir;
-      in >> cmd >> name >> dir;
-      try {
-        if (cmd == "load" && !name.empty() && !dir.empty()) registry.load(name, dir);
-        else if (cmd == "unload" && !name.empty()) registry.unload(name);
-        else if (cmd == "list") registry.list();
-        else if (!cmd.empty()) std::cout << "error: unknown command: " << line << "\n";
-      } catch (const std::exception &e) {
-        std::cout << "error: " << e.what() << "\n";
-      }
-    }
+    Fd listener(port >= 0 ? listen_on(uint16_t(port)) : -1);
+    if (listener.fd >= 0)
+      std::cerr << "serving metrics on http://127.0.0.1:" << bound_port(listener.fd) << "/metrics" << std::endl;
+    command_loop(registry, listener.fd);
   } catch (const std::exception &e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -19,6 +19,8 @@
  * - ig_report is immutable and may be read from many threads. ig_config and ig_adapter may be
  *   read (screened) from many threads but changed only by one thread at a time, with no
  *   concurrent readers.
+ * - An event callback (ig_gate_set_event_callback) runs on the screening thread, concurrently
+ *   when several threads screen; it must not free its gate nor set that gate's callback.
  *
  * Lifetimes:
  * - Reports, adapters and configs are independent of each other and of the gate once created.
@@ -102,6 +104,39 @@ typedef struct {
  * What the gate concluded about an adapter.
  */
 typedef uint32_t ig_verdict;
+
+/**
+ * One finished screening, as told to an `ig_event_callback`.
+ */
+typedef struct {
+  /**
+   * The adapter's name (its directory's, the one given to `ig_adapter_set_name`, or
+   * "<host memory>"); valid only during the call.
+   */
+  const char *adapter;
+  /**
+   * IG_VERDICT_ACCEPT … IG_VERDICT_REJECT, or IG_VERDICT_ERROR when the screening failed.
+   */
+  ig_verdict verdict;
+  /**
+   * Intruder dimensions over all modules (0 on error).
+   */
+  uint64_t intruders;
+  /**
+   * Modules screened (0 on error).
+   */
+  uint64_t modules;
+  /**
+   * Wall time of the screening.
+   */
+  double duration_seconds;
+} ig_event;
+
+/**
+ * Called after every screening with the event and the `user_data` given to
+ * `ig_gate_set_event_callback`.
+ */
+typedef void (*ig_event_callback)(const ig_event *event, void *user_data);
 
 /**
  * One screened module, borrowed from an `ig_report`.
@@ -223,6 +258,11 @@ typedef struct {
 #define IG_VERDICT_REJECT 3
 
 /**
+ * Only in `ig_event`: the screening failed with an error.
+ */
+#define IG_VERDICT_ERROR 4
+
+/**
  * Returned for a NULL report: not a verdict; treat it as a refusal.
  */
 #define IG_VERDICT_INVALID 255
@@ -288,6 +328,16 @@ ig_status ig_adapter_add_module(ig_adapter *a,
                                 size_t in_features,
                                 size_t out_features,
                                 float scale);
+
+/**
+ * Names the adapter (default "<host memory>"; for PEFT directories, the directory's name): the
+ * name reports, events and the `intruder_gate_adapter_intruders` metric show. Copied.
+ *
+ * # Safety
+ * `a` is NULL or a live adapter not used by another thread during the call; `name` is NULL or
+ * NUL-terminated.
+ */
+ig_status ig_adapter_set_name(ig_adapter *a, const char *name);
 
 /**
  * Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) into
@@ -358,6 +408,16 @@ ig_status ig_config_set_epsilon(ig_config *c, float eps);
  * NUL-terminated UTF-8 string.
  */
 ig_status ig_config_set_cache_dir(ig_config *c, const char *dir);
+
+/**
+ * How many distinct adapters the `intruder_gate_adapter_intruders` gauge keeps a series for,
+ * the most recently screened ones (default 64; 0 drops the gauge). Bounds the label
+ * cardinality, since adapter names come from outside.
+ *
+ * # Safety
+ * `c` is NULL or a live config, not used by another thread during the call.
+ */
+ig_status ig_config_set_recent_adapters(ig_config *c, size_t n);
 
 /**
  * Frees a config. NULL is a no-op. Gates created from it keep their own copy.
@@ -439,6 +499,36 @@ ig_status ig_gate_copy_base_tensor(const ig_gate *g,
                                    size_t cap,
                                    size_t *rows,
                                    size_t *cols);
+
+/**
+ * The gate's metrics in the Prometheus text exposition format 0.0.4 (serve it with
+ * `Content-Type: text/plain; version=0.0.4; charset=utf-8`; see README, "Monitoring"). Same
+ * buffer convention as `ig_report_json`; the text grows as adapters are screened, so call
+ * again with `*needed` bytes when IG_STATUS_BUFFER_TOO_SMALL comes back.
+ *
+ * # Safety
+ * `g` is NULL or a live gate; `buf` is NULL or holds `cap` writable bytes; `needed` is NULL or
+ * writable.
+ */
+ig_status ig_gate_metrics(const ig_gate *g, char *buf, size_t cap, size_t *needed);
+
+/**
+ * Sets the callback called after every screening on this gate (NULL `cb` clears it), after
+ * the screening's metrics are recorded and before the screening call returns.
+ *
+ * Contract:
+ * - It runs on the screening thread, so concurrently when several threads screen: it and
+ *   `user_data` must be thread-safe. It must return quickly and must not throw.
+ * - It must not free the gate nor call `ig_gate_set_event_callback` on the same gate (that
+ *   call waits for running callbacks: a deadlock). It may call the other functions on the gate,
+ *   e.g. `ig_gate_metrics`.
+ * - Once this returns, the previous callback is not running and is never called again, so its
+ *   `user_data` may be freed.
+ *
+ * # Safety
+ * `g` is NULL or a live gate; `cb` is NULL or a function following the contract above.
+ */
+ig_status ig_gate_set_event_callback(ig_gate *g, ig_event_callback cb, void *user_data);
 
 /**
  * Frees a gate. NULL is a no-op. No other thread may be using it; reports stay valid.

@@ -2,6 +2,7 @@
 
 use crate::backend::BackendChoice;
 use crate::limits::Limits;
+use crate::metrics::MetricsConfig;
 use crate::policy::Policy;
 use crate::report::Method;
 use crate::spectrum::cache::CacheDType;
@@ -31,6 +32,7 @@ pub struct Config {
     pub limits: Limits,
     /// Turns a report into a verdict.
     pub policy: Policy,
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             gpu_memory_bytes: None,
             limits: Limits::default(),
             policy: Policy::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::backend::{self, Backend, Spectrum};
 use crate::base::{mapping, BaseModel};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::metrics::{CacheResult, Info, Metrics, MetricsConfig, ScreenOutcome};
+use crate::metrics::{CacheResult, Info, Metrics, ScreenOutcome};
 use crate::policy::OnInvalid;
 use crate::report::{classify, Method, ModuleReport, Report, ReportError, Verdict, SCHEMA_VERSION};
 use crate::spectrum::brand::{self, BrandSolution, Update};
@@ -82,6 +82,19 @@ impl BaseSet {
     }
 }
 
+/// What the event hook is told after each screening, on the screening thread.
+#[derive(Debug, Clone, Copy)]
+pub struct ScreenEvent<'a> {
+    pub adapter: &'a str,
+    pub outcome: ScreenOutcome,
+    pub intruders: u64,
+    pub modules: u64,
+    pub seconds: f64,
+}
+
+/// Called after every screening (see [`Gate::set_event_hook`]).
+pub type EventHook = Box<dyn Fn(&ScreenEvent<'_>) + Send + Sync>;
+
 /// One module ready for the maths: validated and mapped.
 struct Job<'a> {
     base: &'a BaseSet,
@@ -111,6 +124,7 @@ pub struct Gate {
     base: RwLock<BaseSet>,
     keys: Mutex<HashMap<String, Key>>,
     metrics: Metrics,
+    event_hook: RwLock<Option<EventHook>>,
     pool: rayon::ThreadPool,
 }
 
@@ -124,7 +138,7 @@ impl Gate {
             .build()
             .map_err(|e| Error::new(ErrorKind::Internal, format!("thread pool: {e}")))?;
         let metrics = Metrics::new(
-            MetricsConfig::default(),
+            config.metrics,
             Info {
                 version: env!("CARGO_PKG_VERSION").into(),
                 backend: selected.backend.name().into(),
@@ -143,6 +157,7 @@ impl Gate {
             base: RwLock::new(BaseSet::default()),
             keys: Mutex::new(HashMap::new()),
             metrics,
+            event_hook: RwLock::new(None),
             pool,
             config,
         })
@@ -158,6 +173,13 @@ impl Gate {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Sets (or with `None` clears) the hook called after every screening, once its metrics are
+    /// recorded, on the screening thread. Waits for running calls of the previous hook, so once
+    /// this returns the previous hook is never called again; a hook must therefore not call it.
+    pub fn set_event_hook(&self, hook: Option<EventHook>) {
+        *self.event_hook.write() = hook;
     }
 
     /// Attaches a base model (safetensors file, or directory, sharded or not). Once per gate.
@@ -259,37 +281,36 @@ impl Gate {
             }
             r => r,
         };
-        match result {
-            Ok(report) => {
-                let outcome = match report.verdict {
+        let (outcome, intruders, modules) = match &result {
+            Ok(report) => (
+                match report.verdict {
                     Verdict::Accept => ScreenOutcome::Accept,
                     Verdict::Warn => ScreenOutcome::Warn,
                     Verdict::Clamp => ScreenOutcome::Clamp,
                     Verdict::Reject => ScreenOutcome::Reject,
-                };
-                self.metrics.record_screening(
-                    adapter,
-                    outcome,
-                    report.total_intruders as u64,
-                    report.modules.len() as u64,
-                    started.elapsed().as_secs_f64(),
-                );
-                Ok(report)
+                },
+                report.total_intruders as u64,
+                report.modules.len() as u64,
+            ),
+            Err(e) => {
+                self.metrics.record_error(e.kind().label());
+                (ScreenOutcome::Error, 0, 0)
             }
-            Err(e) => Err(self.record_failure(adapter, &e, started)),
-        }
-    }
-
-    fn record_failure(&self, adapter: &str, e: &Error, started: Instant) -> Error {
-        self.metrics.record_error(e.kind().label());
-        self.metrics.record_screening(
+        };
+        let event = ScreenEvent {
             adapter,
-            ScreenOutcome::Error,
-            0,
-            0,
-            started.elapsed().as_secs_f64(),
-        );
-        e.clone()
+            outcome,
+            intruders,
+            modules,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        self.metrics
+            .record_screening(adapter, outcome, intruders, modules, event.seconds);
+        // Recursive: a hook may screen on this gate even while a writer waits.
+        if let Some(hook) = &*self.event_hook.read_recursive() {
+            hook(&event);
+        }
+        result
     }
 
     /// The report of an adapter refused before any maths: no modules, verdict `reject`.

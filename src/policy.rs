@@ -2,7 +2,7 @@
 //! with a threshold and names an action; the most severe action among the rules that fire is the
 //! verdict (none fired: accept). A policy is a small JSON document (`intruder-gate scan --policy`).
 //!
-//! The default policy (see docs/policy-and-clamping.md for the reasoning from the paper):
+//! The default policy (see README, "Policy and clamping", for the reasoning from the paper):
 //! any intruder → `warn`; intruders in at least a quarter of the adapted matrices → `clamp`;
 //! nothing rejects on intruder counts alone; malformed adapters are rejected.
 

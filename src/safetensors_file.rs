@@ -329,6 +329,22 @@ pub fn write(
     // Spaces are valid JSON padding; 8 + len(header) ≡ 0 (mod 8) aligns the data section.
     json.resize(json.len().next_multiple_of(8), b' ');
 
+    write_atomically(path, |f| {
+        f.write_all(&(json.len() as u64).to_le_bytes())?;
+        f.write_all(&json)?;
+        for (_, _, _, bytes) in tensors {
+            f.write_all(bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `path` atomically: `fill` writes a temp file in the same directory, which is synced
+/// and renamed over `path`, so readers see the old file or the whole new one, never a part.
+pub fn write_atomically(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -343,11 +359,7 @@ pub fn write(
     let tmp = dir.join(format!(".{file_name}.{}.{seq}.tmp", std::process::id()));
     let written = (|| {
         let mut f = File::create(&tmp)?;
-        f.write_all(&(json.len() as u64).to_le_bytes())?;
-        f.write_all(&json)?;
-        for (_, _, _, bytes) in tensors {
-            f.write_all(bytes)?;
-        }
+        fill(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();

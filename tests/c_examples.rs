@@ -4,7 +4,7 @@
 mod common;
 
 use common::{adapter_dir, assert_same_numbers, cli_report, minilm_base};
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -150,7 +150,7 @@ fn screen_adapter_c_fails_with_the_message() {
 /// without `--merge`.
 #[test]
 fn adapter_registry_cpp_screens_before_activating() {
-    let (r2, qv) = (cli_report("lora_r2"), cli_report("lora_r16_qv"));
+    let (r2, rs) = (cli_report("lora_r2"), cli_report("rslora_r16"));
     let line = |name: &str, want: &serde_json::Value, how: &str| {
         format!(
             "loaded {name}: verdict {}, {} modules, {} intruder dimensions, {how}",
@@ -162,7 +162,7 @@ fn adapter_registry_cpp_screens_before_activating() {
     let script = format!(
         "load a {}\nload b {}\nload a {}\nload broken /nonexistent/adapter\nlist\nunload a\nunload a\nlist\nfrobnicate\n",
         adapter_dir("lora_r2").display(),
-        adapter_dir("lora_r16_qv").display(),
+        adapter_dir("rslora_r16").display(),
         adapter_dir("lora_r2").display(),
     );
     for (flag, how) in [(None, "unmerged"), (Some("--merge"), "merged")] {
@@ -173,13 +173,7 @@ fn adapter_registry_cpp_screens_before_activating() {
         assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(lines[0], line("a", &r2, how), "{stdout}");
-        // lora_r16_qv has intruders in 9 of 12 modules: the default policy clamps it, and this
-        // registry does not activate clamped factors yet.
-        assert_eq!(qv["verdict"], "clamp");
-        assert_eq!(
-            lines[1], "refused b: verdict clamp, and this registry has no clamped factors yet",
-            "{stdout}"
-        );
+        assert_eq!(lines[1], line("b", &rs, how), "{stdout}");
         assert_eq!(
             lines[2], "error: an adapter named a is already loaded",
             "{stdout}"
@@ -188,7 +182,7 @@ fn adapter_registry_cpp_screens_before_activating() {
             lines[3].starts_with("error: reading the adapter: i/o error: /nonexistent/adapter"),
             "{stdout}"
         );
-        assert_eq!(lines[4], "1 active", "{stdout}");
+        assert_eq!(lines[4], "2 active", "{stdout}");
         assert!(
             lines[5].starts_with(&format!(
                 "  a {} {} intruders 36 modules",
@@ -197,10 +191,184 @@ fn adapter_registry_cpp_screens_before_activating() {
             )),
             "{stdout}"
         );
-        assert_eq!(lines[6], "unloaded a", "{stdout}");
-        assert_eq!(lines[7], "error: no adapter named a", "{stdout}");
-        assert_eq!(lines[8], "0 active", "{stdout}");
-        assert_eq!(lines[9], "error: unknown command: frobnicate", "{stdout}");
+        assert_eq!(lines[7], "unloaded a", "{stdout}");
+        assert_eq!(lines[8], "error: no adapter named a", "{stdout}");
+        assert_eq!(lines[9], "1 active", "{stdout}");
+        assert_eq!(lines[11], "error: unknown command: frobnicate", "{stdout}");
+    }
+}
+
+/// A copy of `lora_r2` in `dir/name` with its config and safetensors header edited; the header
+/// must keep its length, so the data offsets stay valid byte for byte.
+fn edited_r2(
+    dir: &Path,
+    name: &str,
+    config: impl FnOnce(&mut serde_json::Value),
+    header: impl FnOnce(&str) -> String,
+) -> PathBuf {
+    let (src, out) = (adapter_dir("lora_r2"), dir.join(name));
+    std::fs::create_dir_all(&out).unwrap();
+    let file = |d: &Path| d.join("adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(file(&src)).unwrap()).unwrap();
+    config(&mut cfg);
+    std::fs::write(file(&out), cfg.to_string()).unwrap();
+    let file = |d: &Path| d.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(file(&src)).unwrap();
+    let end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let edited = header(std::str::from_utf8(&bytes[8..end]).unwrap());
+    bytes[8..end].copy_from_slice(edited.as_bytes());
+    std::fs::write(file(&out), bytes).unwrap();
+    out
+}
+
+/// `text` through `promtool check metrics`: its exit status and output, or None when absent.
+fn promtool_check(metrics: &str) -> Option<(bool, String)> {
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("promtool: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    Some((out.status.success(), text(&out.stdout) + &text(&out.stderr)))
+}
+
+/// The registry serves /metrics while it loads adapters from stdin: the counters match the
+/// loads, promtool accepts the text, and the event callback logs each screening.
+#[test]
+fn adapter_registry_cpp_serves_metrics_while_loading() {
+    if !on_path("curl") {
+        println!("skipped: curl not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // lora_alpha 0.001 shrinks ΔW until no direction intrudes: accepted.
+    let quiet = edited_r2(
+        tmp.path(),
+        "quiet",
+        |c| c["lora_alpha"] = 0.001.into(),
+        str::to_owned,
+    );
+    // Modules adapting a `qvery` projection MiniLM lacks: valid PEFT, so the registry reads
+    // it, but the gate's default policy rejects it.
+    let mismatched = edited_r2(
+        tmp.path(),
+        "mismatched",
+        |_| {},
+        |h| h.replace(".query.", ".qvery."),
+    );
+    let mut child = Command::new(adapter_registry())
+        .args(["--metrics-port", "0"])
+        .arg(minilm_base())
+        .env("XDG_CACHE_HOME", work_dir().join("cache"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = stderr.next().unwrap().unwrap();
+    let url = first
+        .strip_prefix("serving metrics on ")
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_owned();
+
+    let loads = [
+        ("quiet", quiet),
+        ("r2", adapter_dir("lora_r2")),
+        ("qv", adapter_dir("lora_r16_qv")),
+        ("bad", mismatched),
+    ];
+    let mut answers = Vec::new();
+    for (name, dir) in &loads {
+        writeln!(stdin, "load {name} {}", dir.display()).unwrap();
+        answers.push(stdout.next().unwrap().unwrap());
+    }
+    // The C default config fails the call for an invalid adapter (status + message), which the
+    // registry reports as an error and the gate counts under verdict="error".
+    let verdict_of = |answer: &str| {
+        if answer.starts_with("error") {
+            return "error".to_owned();
+        }
+        answer
+            .split("verdict ")
+            .nth(1)
+            .and_then(|v| v.split([',', ' ']).next())
+            .unwrap_or_else(|| panic!("{answer}"))
+            .to_owned()
+    };
+    let verdicts: Vec<String> = answers.iter().map(|a| verdict_of(a)).collect();
+    assert_eq!(
+        verdicts,
+        ["accept", "warn", "clamp", "error"],
+        "{answers:?}"
+    );
+
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-i"])
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl: {}", text(&out.stderr));
+    let response = text(&out.stdout);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    for verdict in ["accept", "warn", "clamp", "reject", "error"] {
+        let want = verdicts.iter().filter(|v| *v == verdict).count();
+        let series = format!("intruder_gate_screenings_total{{verdict=\"{verdict}\"}} {want}\n");
+        assert!(body.contains(&series), "{series} missing:\n{body}");
+    }
+    assert!(
+        body.contains("intruder_gate_adapter_intruders{adapter=\"qv\"} "),
+        "{body}"
+    );
+    match promtool_check(body) {
+        None => println!("skipped: promtool not installed"),
+        Some((passed, output)) => {
+            println!("promtool check metrics: passed={passed} output={output:?}");
+            assert!(passed && output.trim().is_empty(), "{output}\n{body}");
+        }
+    }
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(url.replace("/metrics", "/other"))
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "404");
+
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    let events: Vec<String> = stderr.map(Result::unwrap).collect();
+    assert_eq!(events.len(), loads.len(), "{events:?}");
+    for (i, ((name, _), verdict)) in loads.iter().zip(&verdicts).enumerate() {
+        let want = format!("event {}: {name} {verdict}, ", i + 1);
+        assert!(events[i].starts_with(&want), "{want:?} vs {events:?}");
     }
 }
 

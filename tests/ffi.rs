@@ -422,6 +422,27 @@ fn null_pointers_are_refused_and_frees_accept_null() {
             ig_report_json(report, null_mut(), 0, null_mut()),
             "needed is NULL",
         );
+        expect(
+            ig_config_set_recent_adapters(null_mut(), 4),
+            "config is NULL",
+        );
+        expect(
+            ig_adapter_set_name(null_mut(), nul.as_ptr()),
+            "adapter is NULL",
+        );
+        expect(ig_adapter_set_name(a, null()), "name is NULL");
+        expect(
+            ig_gate_metrics(null(), null_mut(), 0, &mut needed),
+            "gate is NULL",
+        );
+        expect(
+            ig_gate_metrics(g, null_mut(), 0, null_mut()),
+            "needed is NULL",
+        );
+        expect(
+            ig_gate_set_event_callback(null_mut(), None, null_mut()),
+            "gate is NULL",
+        );
     }
     assert!(
         out_g.is_null() && out_r.is_null() && out_a.is_null(),
@@ -770,6 +791,113 @@ fn a_failed_screening_leaves_the_gate_as_it_was() {
         common::numbers(&before)
     );
     unsafe { ig_gate_free(g) };
+}
+
+/// Events the callback below saw: (adapter, verdict, intruders, modules, seconds).
+type Events = std::sync::Mutex<Vec<(String, ig_verdict, u64, u64, f64)>>;
+
+unsafe extern "C" fn record_event(e: *const ig_event, user_data: *mut c_void) {
+    let e = &*e;
+    let events = &*user_data.cast::<Events>();
+    let name = CStr::from_ptr(e.adapter).to_str().unwrap().to_owned();
+    events
+        .lock()
+        .unwrap()
+        .push((name, e.verdict, e.intruders, e.modules, e.duration_seconds));
+}
+
+fn metrics_text(g: *const ig_gate) -> String {
+    unsafe {
+        let mut needed = 0;
+        assert_status(
+            ig_gate_metrics(g, null_mut(), 0, &mut needed),
+            IG_STATUS_BUFFER_TOO_SMALL,
+            "the metrics text needs",
+        );
+        let mut buf = vec![0u8; needed];
+        ok(ig_gate_metrics(
+            g,
+            buf.as_mut_ptr().cast(),
+            needed,
+            &mut needed,
+        ));
+        CStr::from_bytes_with_nul(&buf)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+/// Every screening (errors too) reaches the callback once, with the report's numbers, and the
+/// metrics text counts it; a cleared callback is not called again.
+#[test]
+fn event_callback_and_metrics_see_every_screening() {
+    let events = Events::default();
+    let user_data = (&events as *const Events).cast_mut().cast();
+    unsafe {
+        let cfg = ig_config_new();
+        ok(ig_config_set_cache_dir(cfg, null()));
+        ok(ig_config_set_recent_adapters(cfg, 2));
+        let mut g = null_mut();
+        ok(ig_gate_new(cfg, &mut g));
+        ig_config_free(cfg);
+        ok(ig_gate_attach_base(g, c_path(&minilm_base()).as_ptr()));
+        ok(ig_gate_set_event_callback(g, Some(record_event), user_data));
+
+        let r2 = screen_dir(g, "lora_r2");
+        let a = in_memory("lora_r16_qv", IG_DTYPE_F32);
+        ok(ig_adapter_set_name(a, c("qv in memory").as_ptr()));
+        let qv = screen(g, a);
+        let mut r = null_mut();
+        assert_eq!(
+            ig_gate_screen_adapter(g, c("/nonexistent/gone").as_ptr(), &mut r),
+            IG_STATUS_IO
+        );
+
+        let seen = events.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        let verdict = |v: &Value| match v["verdict"].as_str().unwrap() {
+            "accept" => IG_VERDICT_ACCEPT,
+            "warn" => IG_VERDICT_WARN,
+            "clamp" => IG_VERDICT_CLAMP,
+            _ => IG_VERDICT_REJECT,
+        };
+        for ((name, v, intruders, modules, seconds), (want_name, want)) in
+            seen.iter().zip([("lora_r2", &r2), ("qv in memory", &qv)])
+        {
+            assert_eq!(name, want_name);
+            assert_eq!(*v, verdict(want));
+            assert_eq!(*intruders, want["total_intruders"].as_u64().unwrap());
+            assert_eq!(*modules, want["modules"].as_array().unwrap().len() as u64);
+            assert!(*seconds > 0.0 && *seconds < 60.0, "{seconds}");
+        }
+        assert_eq!(&seen[2].0, "gone");
+        assert_eq!((seen[2].1, seen[2].2, seen[2].3), (IG_VERDICT_ERROR, 0, 0));
+
+        let text = metrics_text(g);
+        assert!(
+            text.contains("intruder_gate_screenings_total{verdict=\"error\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("intruder_gate_errors_total{kind=\"io\"} 1\n"),
+            "{text}"
+        );
+        let gauge: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("intruder_gate_adapter_intruders{"))
+            .collect();
+        // recent_adapters = 2: the oldest of the three names is gone.
+        assert_eq!(gauge.len(), 2, "{text}");
+        assert!(gauge[0].contains("adapter=\"qv in memory\""), "{text}");
+
+        ok(ig_gate_set_event_callback(g, None, null_mut()));
+        screen_dir(g, "lora_r2");
+        assert_eq!(events.lock().unwrap().len(), 3);
+        ig_adapter_free(a);
+        ig_gate_free(g);
+    }
 }
 
 /// The data-race stress test: 8 threads × 4 adapters (three directories and one in-memory

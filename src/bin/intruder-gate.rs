@@ -11,6 +11,7 @@ use intruder_gate::spectrum::cache::CacheDType;
 use intruder_gate::tensor::DType;
 use intruder_gate::{ClampMode, ClampOptions, Policy, Target};
 use intruder_gate::{Config, Error, Gate};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -179,7 +180,7 @@ struct ScanArgs {
     common: Common,
     #[command(flatten)]
     screening: Screening,
-    /// Verdict rules (JSON; see docs/policy-and-clamping.md). Default: the built-in policy.
+    /// Verdict rules (JSON; see README, "Policy and clamping"). Default: the built-in policy.
     #[arg(long)]
     policy: Option<PathBuf>,
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
@@ -195,6 +196,10 @@ struct ScanArgs {
     /// Exit 1 when the verdict is at least this severe.
     #[arg(long, value_enum)]
     fail_on: Option<FailOn>,
+    /// After the run, write the gate's metrics here (Prometheus text format, replaced
+    /// atomically), also when the scan fails; e.g. for node_exporter's textfile collector.
+    #[arg(long)]
+    metrics_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -297,6 +302,24 @@ fn scan(a: ScanArgs) -> Result<ExitCode, Error> {
         ..config(&a.common)
     };
     let gate = Gate::new(cfg)?;
+    let outcome = screen_and_print(&gate, &a);
+    let Some(path) = &a.metrics_file else {
+        return outcome;
+    };
+    let text = gate.metrics().render();
+    match intruder_gate::safetensors_file::write_atomically(path, |f| f.write_all(text.as_bytes()))
+    {
+        Ok(()) => outcome,
+        Err(e) if outcome.is_ok() => Err(e),
+        // The scan's own error is the one to exit with.
+        Err(e) => {
+            eprintln!("error: {e}");
+            outcome
+        }
+    }
+}
+
+fn screen_and_print(gate: &Gate, a: &ScanArgs) -> Result<ExitCode, Error> {
     gate.attach_base(&a.common.base)?;
     let report = match (&a.adapter, &a.tuned) {
         (Some(dir), _) => gate.screen_adapter_dir(dir)?,

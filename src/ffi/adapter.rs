@@ -164,6 +164,21 @@ pub unsafe extern "C" fn ig_adapter_add_module(
     })
 }
 
+/// Names the adapter (default "<host memory>"; for PEFT directories, the directory's name): the
+/// name reports, events and the `intruder_gate_adapter_intruders` metric show. Copied.
+///
+/// # Safety
+/// `a` is NULL or a live adapter not used by another thread during the call; `name` is NULL or
+/// NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn ig_adapter_set_name(a: *mut ig_adapter, name: *const c_char) -> ig_status {
+    ffi_try(|| {
+        let a = a.as_mut().ok_or_else(|| super::invalid("adapter"))?;
+        a.name = str_arg(name, "name")?.to_string();
+        Ok(())
+    })
+}
+
 /// Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) into
 /// memory, e.g. to keep its factors for serving. `*out` is written only on success; free it
 /// with `ig_adapter_free`.

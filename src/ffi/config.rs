@@ -83,6 +83,17 @@ pub unsafe extern "C" fn ig_config_set_cache_dir(
     })
 }
 
+/// How many distinct adapters the `intruder_gate_adapter_intruders` gauge keeps a series for,
+/// the most recently screened ones (default 64; 0 drops the gauge). Bounds the label
+/// cardinality, since adapter names come from outside.
+///
+/// # Safety
+/// `c` is NULL or a live config, not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn ig_config_set_recent_adapters(c: *mut ig_config, n: usize) -> ig_status {
+    ffi_try(|| set(c, |cfg| cfg.metrics.recent_adapters = n))
+}
+
 /// Frees a config. NULL is a no-op. Gates created from it keep their own copy.
 ///
 /// # Safety

@@ -2,10 +2,13 @@
 
 use super::{
     arg, config_or_default, dtype_of, ffi_try, free_handle, ig_adapter, ig_config, ig_dtype,
-    ig_report, ig_status, into_handle, out_arg, str_arg, Failure, IG_STATUS_BUFFER_TOO_SMALL,
+    ig_report, ig_status, ig_verdict, into_handle, out_arg, str_arg, text_out, Failure,
+    IG_STATUS_BUFFER_TOO_SMALL, IG_VERDICT_ACCEPT, IG_VERDICT_CLAMP, IG_VERDICT_ERROR,
+    IG_VERDICT_REJECT, IG_VERDICT_WARN,
 };
-use crate::gate::Gate;
-use std::ffi::{c_char, c_void};
+use crate::gate::{Gate, ScreenEvent};
+use crate::metrics::ScreenOutcome;
+use std::ffi::{c_char, c_void, CString};
 use std::path::Path;
 
 /// A gate: a base model and its spectrum cache. Opaque. Thread-safe: every function taking a
@@ -154,6 +157,121 @@ pub unsafe extern "C" fn ig_gate_copy_base_tensor(
             ));
         }
         std::ptr::copy_nonoverlapping(values.as_ptr(), buf, values.len());
+        Ok(())
+    })
+}
+
+/// The gate's metrics in the Prometheus text exposition format 0.0.4 (serve it with
+/// `Content-Type: text/plain; version=0.0.4; charset=utf-8`; see README, "Monitoring"). Same
+/// buffer convention as `ig_report_json`; the text grows as adapters are screened, so call
+/// again with `*needed` bytes when IG_STATUS_BUFFER_TOO_SMALL comes back.
+///
+/// # Safety
+/// `g` is NULL or a live gate; `buf` is NULL or holds `cap` writable bytes; `needed` is NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn ig_gate_metrics(
+    g: *const ig_gate,
+    buf: *mut c_char,
+    cap: usize,
+    needed: *mut usize,
+) -> ig_status {
+    ffi_try(|| {
+        let g = arg(g, "gate")?;
+        text_out(
+            &g.gate.metrics().render(),
+            buf,
+            cap,
+            needed,
+            "the metrics text",
+        )
+    })
+}
+
+/// One finished screening, as told to an `ig_event_callback`.
+#[repr(C)]
+pub struct ig_event {
+    /// The adapter's name (its directory's, the one given to `ig_adapter_set_name`, or
+    /// "<host memory>"); valid only during the call.
+    pub adapter: *const c_char,
+    /// IG_VERDICT_ACCEPT … IG_VERDICT_REJECT, or IG_VERDICT_ERROR when the screening failed.
+    pub verdict: ig_verdict,
+    /// Intruder dimensions over all modules (0 on error).
+    pub intruders: u64,
+    /// Modules screened (0 on error).
+    pub modules: u64,
+    /// Wall time of the screening.
+    pub duration_seconds: f64,
+}
+
+/// Called after every screening with the event and the `user_data` given to
+/// `ig_gate_set_event_callback`.
+pub type ig_event_callback =
+    Option<unsafe extern "C" fn(event: *const ig_event, user_data: *mut c_void)>;
+
+/// The host's `user_data`, which it promises may be used from any screening thread.
+struct UserData(*mut c_void);
+
+// SAFETY: the contract of ig_gate_set_event_callback makes thread safety the host's promise.
+unsafe impl Send for UserData {}
+unsafe impl Sync for UserData {}
+
+impl UserData {
+    // A method, so closures capture the whole Send + Sync wrapper, not its raw pointer field.
+    fn get(&self) -> *mut c_void {
+        self.0
+    }
+}
+
+fn verdict_of(outcome: ScreenOutcome) -> ig_verdict {
+    match outcome {
+        ScreenOutcome::Accept => IG_VERDICT_ACCEPT,
+        ScreenOutcome::Warn => IG_VERDICT_WARN,
+        ScreenOutcome::Clamp => IG_VERDICT_CLAMP,
+        ScreenOutcome::Reject => IG_VERDICT_REJECT,
+        ScreenOutcome::Error => IG_VERDICT_ERROR,
+    }
+}
+
+/// Sets the callback called after every screening on this gate (NULL `cb` clears it), after
+/// the screening's metrics are recorded and before the screening call returns.
+///
+/// Contract:
+/// - It runs on the screening thread, so concurrently when several threads screen: it and
+///   `user_data` must be thread-safe. It must return quickly and must not throw.
+/// - It must not free the gate nor call `ig_gate_set_event_callback` on the same gate (that
+///   call waits for running callbacks: a deadlock). It may call the other functions on the gate,
+///   e.g. `ig_gate_metrics`.
+/// - Once this returns, the previous callback is not running and is never called again, so its
+///   `user_data` may be freed.
+///
+/// # Safety
+/// `g` is NULL or a live gate; `cb` is NULL or a function following the contract above.
+#[no_mangle]
+pub unsafe extern "C" fn ig_gate_set_event_callback(
+    g: *mut ig_gate,
+    cb: ig_event_callback,
+    user_data: *mut c_void,
+) -> ig_status {
+    ffi_try(|| {
+        let g = arg(g, "gate")?;
+        let hook = cb.map(|cb| {
+            let user_data = UserData(user_data);
+            Box::new(move |e: &ScreenEvent<'_>| {
+                // A name cannot hold a NUL in C: the host sees it up to the first one.
+                let name = e.adapter.split('\0').next().unwrap_or_default();
+                let name = CString::new(name).expect("split at every NUL");
+                let event = ig_event {
+                    adapter: name.as_ptr(),
+                    verdict: verdict_of(e.outcome),
+                    intruders: e.intruders,
+                    modules: e.modules,
+                    duration_seconds: e.seconds,
+                };
+                cb(&event, user_data.get());
+            }) as crate::gate::EventHook
+        });
+        g.gate.set_event_hook(hook);
         Ok(())
     })
 }

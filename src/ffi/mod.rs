@@ -238,6 +238,32 @@ pub unsafe extern "C" fn ig_last_error(buf: *mut c_char, cap: usize) -> usize {
     })
 }
 
+/// The `buf` / `cap` / `needed` convention of `ig_report_json` and `ig_gate_metrics`: `text`
+/// and a NUL into `buf` when they fit in `cap` bytes, else IG_STATUS_BUFFER_TOO_SMALL and
+/// nothing in `buf`; `*needed` is written either way.
+///
+/// # Safety
+/// `buf` is NULL or holds `cap` writable bytes; `needed` is NULL or writable.
+pub(crate) unsafe fn text_out(
+    text: &str,
+    buf: *mut c_char,
+    cap: usize,
+    needed: *mut usize,
+    what: &str,
+) -> Result<(), Failure> {
+    let needed = out_arg(needed, "needed")?;
+    let want = text.len() + 1;
+    *needed = want;
+    if cap < want || buf.is_null() {
+        return Err(Failure::new(
+            IG_STATUS_BUFFER_TOO_SMALL,
+            format!("{what} needs {want} bytes, buffer holds {cap}"),
+        ));
+    }
+    write_truncated(text.as_bytes(), buf, cap);
+    Ok(())
+}
+
 /// Writes `bytes` and a NUL into `buf[..cap]`, truncating to fit. `cap > 0`.
 ///
 /// # Safety

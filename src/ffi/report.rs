@@ -14,6 +14,8 @@ pub const IG_VERDICT_WARN: ig_verdict = 1;
 pub const IG_VERDICT_CLAMP: ig_verdict = 2;
 /// Do not load it.
 pub const IG_VERDICT_REJECT: ig_verdict = 3;
+/// Only in `ig_event`: the screening failed with an error.
+pub const IG_VERDICT_ERROR: ig_verdict = 4;
 /// Returned for a NULL report: not a verdict; treat it as a refusal.
 pub const IG_VERDICT_INVALID: ig_verdict = 255;
 
@@ -151,17 +153,7 @@ pub unsafe extern "C" fn ig_report_json(
 ) -> ig_status {
     ffi_try(|| {
         let r = arg(r, "report")?;
-        let needed = out_arg(needed, "needed")?;
-        let want = r.json.len() + 1;
-        *needed = want;
-        if cap < want || buf.is_null() {
-            return Err(Failure::new(
-                super::IG_STATUS_BUFFER_TOO_SMALL,
-                format!("the JSON report needs {want} bytes, buffer holds {cap}"),
-            ));
-        }
-        super::write_truncated(r.json.as_bytes(), buf, cap);
-        Ok(())
+        super::text_out(&r.json, buf, cap, needed, "the JSON report")
     })
 }
 
