@@ -7,7 +7,6 @@ use common::*;
 use intruder_gate::backend::BackendChoice;
 use intruder_gate::report::{Method, Report};
 use intruder_gate::spectrum::cache::CacheDType;
-use intruder_gate::tensor::DType;
 use intruder_gate::{Config, Gate};
 use std::path::Path;
 
@@ -18,20 +17,7 @@ const SHAPES: [(&str, usize, usize); 3] = [
 ];
 
 fn setup(dir: &Path, seed: u64) -> Planted {
-    planted(
-        dir,
-        &PlantedSpec {
-            shapes: &SHAPES,
-            rank: 8,
-            planted: &[2],
-            base_dtype: DType::F32,
-            adapter_dtype: DType::F32,
-            use_rslora: false,
-            rank_pattern: &[],
-            alpha_pattern: &[],
-            seed,
-        },
-    )
+    planted(dir, &PlantedSpec::new(&SHAPES, 8, &[2], seed))
 }
 
 fn gate(cache: Option<&Path>, method: Method, dtype: CacheDType) -> Gate {

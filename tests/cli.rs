@@ -4,23 +4,17 @@
 mod common;
 
 use common::*;
-use intruder_gate::tensor::DType;
 use std::path::Path;
 
 fn planted_in(dir: &Path, planted_dirs: usize) -> Planted {
     planted(
         dir,
-        &PlantedSpec {
-            shapes: &[("layers.0.attn.q", 64, 64), ("layers.0.mlp.up", 96, 64)],
-            rank: 4,
-            planted: &[planted_dirs],
-            base_dtype: DType::F32,
-            adapter_dtype: DType::F32,
-            use_rslora: false,
-            rank_pattern: &[],
-            alpha_pattern: &[],
-            seed: 9,
-        },
+        &PlantedSpec::new(
+            &[("layers.0.attn.q", 64, 64), ("layers.0.mlp.up", 96, 64)],
+            4,
+            &[planted_dirs],
+            9,
+        ),
     )
 }
 
@@ -164,17 +158,7 @@ fn adapters_that_do_not_fit_the_base_exit_2() {
     let other = tempfile::tempdir().unwrap();
     let q = planted(
         other.path(),
-        &PlantedSpec {
-            shapes: &[("decoder.block.3.ffn", 64, 64)],
-            rank: 4,
-            planted: &[0],
-            base_dtype: DType::F32,
-            adapter_dtype: DType::F32,
-            use_rslora: false,
-            rank_pattern: &[],
-            alpha_pattern: &[],
-            seed: 1,
-        },
+        &PlantedSpec::new(&[("decoder.block.3.ffn", 64, 64)], 4, &[0], 1),
     );
     let out = scan(&q.base, &p.adapter, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -190,17 +174,12 @@ fn adapters_that_do_not_fit_the_base_exit_2() {
     let shaped = tempfile::tempdir().unwrap();
     let s = planted(
         shaped.path(),
-        &PlantedSpec {
-            shapes: &[("layers.0.attn.q", 64, 32), ("layers.0.mlp.up", 96, 64)],
-            rank: 4,
-            planted: &[0],
-            base_dtype: DType::F32,
-            adapter_dtype: DType::F32,
-            use_rslora: false,
-            rank_pattern: &[],
-            alpha_pattern: &[],
-            seed: 2,
-        },
+        &PlantedSpec::new(
+            &[("layers.0.attn.q", 64, 32), ("layers.0.mlp.up", 96, 64)],
+            4,
+            &[0],
+            2,
+        ),
     );
     let out = scan(&s.base, &p.adapter, &[]);
     let err = String::from_utf8_lossy(&out.stderr);

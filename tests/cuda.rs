@@ -33,17 +33,7 @@ fn without_a_gpu_auto_falls_back_and_cuda_is_a_clean_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = planted(
         dir.path(),
-        &PlantedSpec {
-            shapes: &[("layers.0.attn.q", 64, 64)],
-            rank: 4,
-            planted: &[1],
-            base_dtype: DType::F32,
-            adapter_dtype: DType::F32,
-            use_rslora: false,
-            rank_pattern: &[],
-            alpha_pattern: &[],
-            seed: 3,
-        },
+        &PlantedSpec::new(&[("layers.0.attn.q", 64, 64)], 4, &[1], 3),
     );
     let auto = screen(BackendChoice::Auto, &p.base, &p.adapter).unwrap();
     assert_eq!(auto.backend, "cpu");

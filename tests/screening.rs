@@ -275,17 +275,7 @@ fn a_clean_adapter_has_no_intruders() {
     let dir = tempfile::tempdir().unwrap();
     let p = planted(
         dir.path(),
-        &PlantedSpec {
-            shapes: &[("layers.0.attn.q", 128, 128)],
-            rank: 8,
-            planted: &[0],
-            base_dtype: DType::F32,
-            adapter_dtype: DType::F32,
-            use_rslora: false,
-            rank_pattern: &[],
-            alpha_pattern: &[],
-            seed: 5,
-        },
+        &PlantedSpec::new(&[("layers.0.attn.q", 128, 128)], 8, &[0], 5),
     );
     let r = screen(&p.base, &p.adapter, Method::Brand);
     assert_eq!(r.total_intruders, 0);

@@ -72,6 +72,28 @@ pub struct PlantedSpec<'a> {
     pub seed: u64,
 }
 
+impl<'a> PlantedSpec<'a> {
+    /// f32 base and adapter, plain LoRA scale, no rank/alpha patterns.
+    pub fn new(
+        shapes: &'a [(&'a str, usize, usize)],
+        rank: usize,
+        planted: &'a [usize],
+        seed: u64,
+    ) -> Self {
+        PlantedSpec {
+            shapes,
+            rank,
+            planted,
+            base_dtype: DType::F32,
+            adapter_dtype: DType::F32,
+            use_rslora: false,
+            rank_pattern: &[],
+            alpha_pattern: &[],
+            seed,
+        }
+    }
+}
+
 pub fn planted(dir: &Path, spec: &PlantedSpec<'_>) -> Planted {
     let mut rng = Rng::new(spec.seed);
     let base = dir.join("base.safetensors");
@@ -136,20 +158,7 @@ pub const PLANTED: [(&str, usize, usize); 3] = [
 /// Three modules (`PLANTED`), r = 8, alpha 16, f32, with `counts[i]` intruders planted in module
 /// i. Returns (base file, adapter dir).
 pub fn planted_trio(dir: &Path, counts: [usize; 3], seed: u64) -> (PathBuf, PathBuf) {
-    let p = planted(
-        dir,
-        &PlantedSpec {
-            shapes: &PLANTED,
-            rank: 8,
-            planted: &counts,
-            base_dtype: DType::F32,
-            adapter_dtype: DType::F32,
-            use_rslora: false,
-            rank_pattern: &[],
-            alpha_pattern: &[],
-            seed,
-        },
-    );
+    let p = planted(dir, &PlantedSpec::new(&PLANTED, 8, &counts, seed));
     (p.base, p.adapter)
 }
 
