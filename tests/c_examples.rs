@@ -12,15 +12,26 @@ use std::sync::OnceLock;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// `target/<profile>`: the test binary lives in its `deps/`, the library and `.pc` next to it.
+/// A plain `cargo test` in a fresh clone builds the cdylib only into `deps/` (uplifting it is
+/// `cargo build`'s job), so it is copied up once — also over an older one a previous
+/// `cargo build` left — the way `cargo build` would place it.
 fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    assert!(
-        dir.join("libintruder_gate.so").is_file(),
-        "no libintruder_gate.so in {}",
-        dir.display()
-    );
-    dir
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let lib = dir.join("libintruder_gate.so");
+        let built = dir.join("deps/libintruder_gate.so");
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if built.is_file() && (!lib.is_file() || mtime(&built) > mtime(&lib)) {
+            let tmp = dir.join(format!("libintruder_gate.so.{}.tmp", std::process::id()));
+            std::fs::copy(&built, &tmp).unwrap();
+            std::fs::rename(&tmp, &lib).unwrap();
+        }
+        assert!(lib.is_file(), "no libintruder_gate.so in {}", dir.display());
+        dir
+    })
+    .clone()
 }
 
 /// Temporary outputs of this test binary: compiled examples and their private cache.
