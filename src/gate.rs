@@ -125,18 +125,18 @@ pub struct Gate {
     keys: Mutex<HashMap<String, Key>>,
     metrics: Metrics,
     event_hook: RwLock<Option<EventHook>>,
+    /// Screening work: one job per module.
     pool: rayon::ThreadPool,
+    /// Base-spectrum computations (see `Gate::off_pool`).
+    compute_pool: rayon::ThreadPool,
 }
 
 impl Gate {
     pub fn new(config: Config) -> Result<Gate> {
         config.validate()?;
         let selected = backend::select(config.backend, config.gpu_memory_bytes)?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(config.threads)
-            .thread_name(|i| format!("intruder-gate-{i}"))
-            .build()
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("thread pool: {e}")))?;
+        let pool = thread_pool(config.threads, "intruder-gate")?;
+        let compute_pool = thread_pool(config.threads, "intruder-gate-svd")?;
         let metrics = Metrics::new(
             config.metrics,
             Info {
@@ -159,6 +159,7 @@ impl Gate {
             metrics,
             event_hook: RwLock::new(None),
             pool,
+            compute_pool,
             config,
         })
     }
@@ -576,7 +577,7 @@ impl Gate {
         let key = self.key(name, w0);
         let started = Instant::now();
         let computed = self.cache.get_or_compute(&key, || {
-            self.backend.thin_svd(&w0.to_f32(), w0.rows, w0.cols)
+            self.off_pool(|| self.backend.thin_svd(&w0.to_f32(), w0.rows, w0.cols))
         });
         // Fingerprinting and computing read the whole tensor; its pages need not stay resident.
         base.release(name);
@@ -592,6 +593,19 @@ impl Gate {
                 .record_spectrum_compute(started.elapsed().as_secs_f64());
         }
         Ok((s, source, warning))
+    }
+
+    /// Runs `f` (a base-spectrum computation, called while holding that spectrum's cache flight)
+    /// on the compute pool, from a plain thread. Run on the screening pool, the SVD's fork/join
+    /// would let this thread steal other screening jobs while it waits; one of them for the same
+    /// base tensor (another caller's adapter) then blocks on the flight this thread holds, and
+    /// the gate deadlocks. A plain thread blocked in `install` steals nothing.
+    fn off_pool<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| self.compute_pool.install(f))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
     /// The cache key of a base tensor, fingerprinted once per gate (the base does not change
@@ -796,4 +810,12 @@ fn transpose_spectrum(s: &Spectrum) -> Spectrum {
         s: s.s.clone(),
         v: s.u.clone(),
     }
+}
+
+fn thread_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("thread pool: {e}")))
 }

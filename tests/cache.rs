@@ -206,3 +206,40 @@ fn an_f16_cache_is_half_the_size_and_accurate_to_about_1e_3() {
     assert!(worst < 1e-3, "{worst}");
     assert_eq!(results[0].total_intruders, results[1].total_intruders);
 }
+
+/// Callers on many threads asking a cold gate for the same base spectra while the SVD forks work
+/// on the screening pool: a thread holding a spectrum's flight must never pick up another
+/// caller's job for the same tensor (that deadlocked). A watchdog turns a hang into a failure.
+#[test]
+fn many_callers_on_a_cold_gate_never_deadlock() {
+    const BIG: [(&str, usize, usize); 4] = [
+        ("model.layers.0.self_attn.q_proj", 384, 384),
+        ("model.layers.0.self_attn.v_proj", 384, 384),
+        ("model.layers.1.self_attn.q_proj", 384, 384),
+        ("model.layers.1.self_attn.v_proj", 384, 384),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted(dir.path(), &PlantedSpec::new(&BIG, 4, &[1], 11));
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _round in 0..4 {
+            let g = Gate::new(Config {
+                cache_dir: None,
+                backend: BackendChoice::Cpu,
+                threads: 4,
+                ..Config::default()
+            })
+            .unwrap();
+            g.attach_base(&p.base).unwrap();
+            std::thread::scope(|s| {
+                for _ in 0..8 {
+                    s.spawn(|| g.screen_adapter_dir(&p.adapter).unwrap());
+                }
+            });
+        }
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(600))
+        .expect("screening threads did not finish within 10 minutes: deadlock");
+}
