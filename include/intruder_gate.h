@@ -392,8 +392,8 @@ size_t ig_adapter_module_count(const ig_adapter *a);
 
 /**
  * Module `i` (0-based, in the order added or, for PEFT directories and clamped adapters,
- * sorted by name). The
- * pointers in `*out` stay valid until the adapter is freed or a module is added.
+ * sorted by name). The pointers in `*out` stay valid until the adapter is freed or a module is
+ * added.
  *
  * # Safety
  * `a` is NULL or a live adapter; `out` is NULL or writable.
