@@ -1,10 +1,13 @@
 // A vLLM-style LoRA adapter registry over the intruder-gate C API.
 //
-//   adapter_registry [--merge] [--metrics-port PORT] BASE  < commands
+//   adapter_registry [--merge] [--metrics-port PORT] [--policy FILE] [--lambda L] BASE  < commands
 //
 // Commands on stdin, one per line:  load NAME DIR | unload NAME | list
-// Every adapter is screened before it is activated; rejected ones are refused with the reason.
-// Accepted adapters keep their factors unmerged (ΔW = scale·B·A applied at serving time, as
+// Every adapter is screened before it is activated, under the gate's default policy or the
+// policy document in FILE (the JSON of `intruder-gate scan --policy`). Rejected ones are refused
+// with the reason. Adapters with verdict clamp are activated clamped: the gate scales each
+// intruder singular value by L (default 0.75) and the registry serves those factors instead.
+// Active adapters keep their factors unmerged (ΔW = scale·B·A applied at serving time, as
 // vLLM, SGLang and LoRAX do), or with --merge are added into the registry's own copy of the
 // base weights (and subtracted again on unload).
 // With --metrics-port, GET http://127.0.0.1:PORT/metrics serves the gate's Prometheus metrics
@@ -20,8 +23,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -68,6 +73,7 @@ struct Factors {
 class Report {
  public:
   explicit Report(ig_report *r) : r_(r) {}
+  const ig_report *get() const { return r_.get(); }
   ig_verdict verdict() const { return ig_report_verdict(r_.get()); }
   uint32_t total_intruders() const { return ig_report_total_intruders(r_.get()); }
   std::vector<ig_module_summary> modules() const {
@@ -97,15 +103,12 @@ class Adapter {
   Handle<ig_adapter, ig_adapter_free> a_;
 };
 
-// Stands in for a server's own checkpoint loader: reads a PEFT directory into host memory.
-std::vector<Factors> read_peft(const std::string &dir) {
-  ig_adapter *raw = nullptr;
-  check(ig_adapter_load_peft(dir.c_str(), &raw), "reading the adapter");
-  Handle<ig_adapter, ig_adapter_free> a(raw);
+// Copies every module's factors out of a library-owned adapter into host memory.
+std::vector<Factors> copy_factors(const ig_adapter *a) {
   std::vector<Factors> out;
-  for (size_t i = 0; i < ig_adapter_module_count(a.get()); ++i) {
+  for (size_t i = 0; i < ig_adapter_module_count(a); ++i) {
     ig_lora_factors f;
-    check(ig_adapter_module(a.get(), i, &f), "reading a module");
+    check(ig_adapter_module(a, i, &f), "reading a module");
     out.push_back({std::string(f.name) + ".weight", f.rank, f.in_features, f.out_features, f.scale,
                    {f.lora_a, f.lora_a + f.rank * f.in_features},
                    {f.lora_b, f.lora_b + f.out_features * f.rank}});
@@ -113,11 +116,24 @@ std::vector<Factors> read_peft(const std::string &dir) {
   return out;
 }
 
+// Stands in for a server's own checkpoint loader: reads a PEFT directory into host memory.
+std::vector<Factors> read_peft(const std::string &dir) {
+  ig_adapter *raw = nullptr;
+  check(ig_adapter_load_peft(dir.c_str(), &raw), "reading the adapter");
+  Handle<ig_adapter, ig_adapter_free> a(raw);
+  return copy_factors(a.get());
+}
+
 class Gate {
  public:
-  explicit Gate(const std::string &base) {
+  // `policy_json` empty: the default policy.
+  Gate(const std::string &base, const std::string &policy_json) {
+    Handle<ig_config, ig_config_free> config(ig_config_new());
+    if (!config) throw Error(IG_STATUS_INTERNAL, "ig_config_new failed");
+    if (!policy_json.empty())
+      check(ig_config_set_policy_json(config.get(), policy_json.c_str()), "setting the policy");
     ig_gate *raw = nullptr;
-    check(ig_gate_new(nullptr, &raw), "creating the gate");
+    check(ig_gate_new(config.get(), &raw), "creating the gate");
     g_.reset(raw);
     check(ig_gate_attach_base(g_.get(), base.c_str()), "attaching the base");
   }
@@ -125,6 +141,15 @@ class Gate {
     ig_report *r = nullptr;
     check(ig_gate_screen(g_.get(), a.get(), &r), "screening");
     return Report(r);
+  }
+  // The adapter `r` was screened from, with every intruder singular value scaled by `lambda`.
+  // Exact mode: a module with m intruders comes back with rank r + m and scale 1, and nothing
+  // but the intruders changes.
+  std::vector<Factors> clamp(const Report &r, double lambda) {
+    ig_adapter *raw = nullptr;
+    check(ig_gate_clamp(g_.get(), r.get(), lambda, IG_CLAMP_TARGET_ALL, IG_CLAMP_MODE_EXACT, 0, &raw), "clamping");
+    Handle<ig_adapter, ig_adapter_free> clamped(raw);
+    return copy_factors(clamped.get());
   }
   // Prometheus text; retried because it may grow between asking the size and copying it.
   std::string metrics() const {
@@ -153,6 +178,13 @@ class Gate {
   Handle<ig_gate, ig_gate_free> g_;
 };
 
+std::string read_file(const std::string &path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream text;
+  if (!(in && text << in.rdbuf())) throw std::runtime_error("cannot read " + path);
+  return text.str();
+}
+
 }  // namespace ig
 
 const char *verdict_name(ig_verdict v) {
@@ -168,7 +200,8 @@ const char *verdict_name(ig_verdict v) {
 
 class Registry {
  public:
-  Registry(const std::string &base, bool merge) : gate_(base), merge_(merge) {
+  Registry(const std::string &base, const std::string &policy_json, double lambda, bool merge)
+      : gate_(base, policy_json), lambda_(lambda), merge_(merge) {
     gate_.on_event(&Registry::log_event, &events_);
   }
 
@@ -179,15 +212,18 @@ class Registry {
     std::vector<ig::Factors> factors = ig::read_peft(dir);
     ig::Report report = gate_.screen(ig::Adapter(name, factors));
     const ig_verdict verdict = report.verdict();
+    std::string clamped;
     switch (verdict) {
       case IG_VERDICT_ACCEPT:
       case IG_VERDICT_WARN:
         break;
-      case IG_VERDICT_CLAMP:
-        // CLAMP HOOK: once the policy branch lands, replace `factors` here with the clamped
-        // factors it produces (intruder directions damped) and fall through to activation.
-        std::cout << "refused " << name << ": verdict clamp, and this registry has no clamped factors yet\n";
-        return;
+      case IG_VERDICT_CLAMP: {
+        // Serve the clamped factors instead of the adapter's own.
+        std::vector<ig::Factors> damped = gate_.clamp(report, lambda_);
+        clamped = ", " + clamp_summary(factors, damped);
+        factors = std::move(damped);
+        break;
+      }
       default:
         std::cout << "refused " << name << ": verdict " << verdict_name(verdict) << " ("
                   << report.total_intruders() << " intruder dimensions" << worst_module(report) << ")\n";
@@ -199,7 +235,7 @@ class Registry {
     for (auto &f : factors) f.base_tensor = target.at(f.base_tensor);
     if (merge_) apply(factors, +1.0f);
     std::cout << "loaded " << name << ": verdict " << verdict_name(verdict) << ", " << factors.size()
-              << " modules, " << report.total_intruders() << " intruder dimensions"
+              << " modules, " << report.total_intruders() << " intruder dimensions" << clamped
               << (merge_ ? ", merged" : ", unmerged") << "\n";
     active_.emplace(name, Entry{dir, verdict, report.total_intruders(), std::move(factors)});
   }
@@ -238,6 +274,21 @@ class Registry {
               << " intruders in " << e->modules << " modules, " << e->duration_seconds << " s\n";
   }
 
+  // What the clamp changed: in exact mode each clamped direction adds one to its module's rank.
+  std::string clamp_summary(const std::vector<ig::Factors> &original, const std::vector<ig::Factors> &damped) const {
+    std::map<std::string, size_t> rank;
+    for (const auto &f : original) rank[f.base_tensor] = f.rank;
+    size_t directions = 0, modules = 0;
+    for (const auto &f : damped) {
+      const size_t added = f.rank - rank.at(f.base_tensor);
+      directions += added;
+      modules += added > 0;
+    }
+    std::ostringstream s;
+    s << "clamped " << directions << " directions in " << modules << " modules (lambda " << lambda_ << ")";
+    return s.str();
+  }
+
   static std::string worst_module(const ig::Report &r) {
     const auto modules = r.modules();
     const auto worst = std::max_element(modules.begin(), modules.end(),
@@ -265,6 +316,7 @@ class Registry {
 
   std::atomic<uint64_t> events_{0};  // declared before gate_: outlives its callback
   ig::Gate gate_;
+  double lambda_;
   bool merge_;
   std::map<std::string, Entry> active_;
   std::map<std::string, Weight> merged_;
@@ -381,10 +433,13 @@ void command_loop(Registry &registry, int listener) {
 }
 
 int main(int argc, char **argv) {
-  const std::string usage = std::string("usage: ") + argv[0] +
-                            " [--merge] [--metrics-port PORT] BASE  < commands (load NAME DIR | unload NAME | list)\n";
+  const std::string usage =
+      std::string("usage: ") + argv[0] +
+      " [--merge] [--metrics-port PORT] [--policy FILE] [--lambda L] BASE  < commands (load NAME DIR | unload NAME | list)\n";
   bool merge = false;
   int port = -1;
+  std::string policy_file;
+  double lambda = 0.75;  // PEFT's default; the paper found 0.3 to 0.75 keeps task accuracy
   std::vector<std::string> args;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -398,6 +453,15 @@ int main(int argc, char **argv) {
         return 2;
       }
       port = int(p);
+    } else if (arg == "--policy" && i + 1 < argc) {
+      policy_file = argv[++i];
+    } else if (arg == "--lambda" && i + 1 < argc) {
+      char *end = nullptr;
+      lambda = std::strtod(argv[++i], &end);
+      if (*end != '\0' || !std::isfinite(lambda) || lambda < 0) {
+        std::cerr << usage;
+        return 2;
+      }
     } else {
       args.push_back(arg);
     }
@@ -407,7 +471,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   try {
-    Registry registry(args[0], merge);
+    Registry registry(args[0], policy_file.empty() ? std::string() : ig::read_file(policy_file), lambda, merge);
     Fd listener(port >= 0 ? listen_on(uint16_t(port)) : -1);
     if (listener.fd >= 0)
       std::cerr << "serving metrics on http://127.0.0.1:" << bound_port(listener.fd) << "/metrics" << std::endl;

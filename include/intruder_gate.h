@@ -24,6 +24,7 @@
  *
  * Lifetimes:
  * - Reports, adapters and configs are independent of each other and of the gate once created.
+ *   A report keeps a copy of the adapter it screened, for ig_gate_clamp on the same gate.
  * - Base tensors attached with ig_gate_attach_base_tensor are borrowed: keep them alive and
  *   unchanged while the gate lives. A base file attached with ig_gate_attach_base is memory
  *   mapped: do not modify it while the gate lives.
@@ -99,6 +100,16 @@ typedef struct {
    */
   const float *lora_b;
 } ig_lora_factors;
+
+/**
+ * Which intruders of each module `ig_gate_clamp` scales.
+ */
+typedef uint32_t ig_clamp_target;
+
+/**
+ * How `ig_gate_clamp` returns the clamped update ΔW''.
+ */
+typedef uint32_t ig_clamp_mode;
 
 /**
  * What the gate concluded about an adapter.
@@ -238,6 +249,28 @@ typedef struct {
 #define IG_DTYPE_BF16 2
 
 /**
+ * Every intruder among the top k (PEFT's `reduce_intruder_dimension`).
+ */
+#define IG_CLAMP_TARGET_ALL 0
+
+/**
+ * The highest-ranked intruder (the paper's experiments).
+ */
+#define IG_CLAMP_TARGET_TOP1 1
+
+/**
+ * Exactly, as a LoRA of rank r + m (m = directions clamped in that module): nothing but the
+ * clamped singular values changes.
+ */
+#define IG_CLAMP_MODE_EXACT 0
+
+/**
+ * Its best rank-r approximation (what PEFT does): the rank is kept, and every singular value
+ * may move by up to the truncation error.
+ */
+#define IG_CLAMP_MODE_RANK_PRESERVING 1
+
+/**
  * No intruder dimension: load it.
  */
 #define IG_VERDICT_ACCEPT 0
@@ -358,8 +391,9 @@ ig_status ig_adapter_load_peft(const char *dir, ig_adapter **out);
 size_t ig_adapter_module_count(const ig_adapter *a);
 
 /**
- * Module `i` (0-based, in the order added or, for PEFT directories, sorted by name). The
- * pointers in `*out` stay valid until the adapter is freed or a module is added.
+ * Module `i` (0-based, in the order added or, for PEFT directories and clamped adapters,
+ * sorted by name). The pointers in `*out` stay valid until the adapter is freed or a module is
+ * added.
  *
  * # Safety
  * `a` is NULL or a live adapter; `out` is NULL or writable.
@@ -367,12 +401,60 @@ size_t ig_adapter_module_count(const ig_adapter *a);
 ig_status ig_adapter_module(const ig_adapter *a, size_t i, ig_lora_factors *out);
 
 /**
+ * Writes the adapter as a standard PEFT directory (`adapter_config.json` +
+ * `adapter_model.safetensors`, each module in the dtype it was given or loaded in), which
+ * `ig_adapter_load_peft`, PEFT's `from_pretrained` and vLLM load. `dir` and missing parents are
+ * created. Atomic: a new directory appears whole; in an existing one each of the two files is
+ * replaced by a rename (other files are left alone); on failure `dir` is left as it was. An
+ * adapter read from a PEFT directory (or clamped from one) keeps that config's other fields
+ * (task type, base model, …). Fails with IG_STATUS_INVALID_ARGUMENT for rsLoRA scales (only
+ * scale = lora_alpha / r can be written; clamped adapters always can), IG_STATUS_IO when the
+ * directory cannot be written.
+ *
+ * # Safety
+ * `a` is NULL or a live adapter not being changed; `dir` is NULL or NUL-terminated.
+ */
+ig_status ig_adapter_write_peft(const ig_adapter *a, const char *dir);
+
+/**
  * Frees an adapter. NULL is a no-op. Reports screened from it stay valid.
  *
  * # Safety
- * `a` is NULL or came from `ig_adapter_new` / `ig_adapter_load_peft` and was not freed before.
+ * `a` is NULL or came from `ig_adapter_new`, `ig_adapter_load_peft` or `ig_gate_clamp` and was
+ * not freed before.
  */
 void ig_adapter_free(ig_adapter *a);
+
+/**
+ * Clamps the adapter report `r` was screened from: in each module, each intruder that `target`
+ * selects among those the report lists has its singular value σ'_j scaled to λ·σ'_j (README,
+ * "The clamp"). `lambda` is finite and ≥ 0: 0 removes the direction, 1 changes nothing, the
+ * paper used 0.3–0.75 (above 1 amplifies the intruder).
+ *
+ * `*out` gets a new adapter with every module of the original, clamped or not, each with scale
+ * 1 (the original scale is folded into B) and its factors rounded to the original's dtype (held
+ * as f32). Read them with `ig_adapter_module` to activate them, or write them with
+ * `ig_adapter_write_peft`; free it with `ig_adapter_free`. `pad_rank_to` > 0 pads every module
+ * with zero rows of A / columns of B to that rank (for servers with a fixed maximum LoRA rank),
+ * 0 leaves the ranks as they are.
+ *
+ * `r` must come from a screening on this gate (`ig_gate_screen` or `ig_gate_screen_adapter`)
+ * that succeeded. IG_STATUS_INVALID_ARGUMENT for a NULL pointer, a bad `lambda`, an unknown
+ * `target` or `mode`, a report from another gate or from a failed screening (a `reject` report
+ * carrying the error), or a `pad_rank_to` below a module's clamped rank. On failure nothing is
+ * written and nothing changes. Costs about one screening (base spectra come from the cache);
+ * safe to call from many threads at once, like screening.
+ *
+ * # Safety
+ * `g` is NULL or a live gate; `r` is NULL or a live report; `out` is NULL or writable.
+ */
+ig_status ig_gate_clamp(ig_gate *g,
+                        const ig_report *r,
+                        double lambda,
+                        ig_clamp_target target,
+                        ig_clamp_mode mode,
+                        size_t pad_rank_to,
+                        ig_adapter **out);
 
 /**
  * New settings with the defaults: top_k 10, epsilon 0.5, method brand, backend auto, disk
@@ -408,6 +490,21 @@ ig_status ig_config_set_epsilon(ig_config *c, float eps);
  * NUL-terminated UTF-8 string.
  */
 ig_status ig_config_set_cache_dir(ig_config *c, const char *dir);
+
+/**
+ * Sets the verdict rules from a policy document: JSON text (copied), the format of
+ * `intruder-gate scan --policy` (README, "The policy"), e.g.
+ * `{"rules": [{"metric": "total_intruders", "threshold": 1, "action": "clamp"}]}`. As there, a
+ * document without `"on_invalid"` turns an invalid adapter into a `reject` report carrying the
+ * error (see `ig_report_json`) rather than a failed call; add `"on_invalid": "fail"` to keep
+ * the C default. Malformed JSON, an unknown metric or action, or a threshold out of range:
+ * IG_STATUS_INVALID_ARGUMENT, and the config keeps its policy.
+ *
+ * # Safety
+ * `c` is NULL or a live config, not used by another thread during the call; `policy_json` is
+ * NULL or a NUL-terminated UTF-8 string.
+ */
+ig_status ig_config_set_policy_json(ig_config *c, const char *policy_json);
 
 /**
  * How many distinct adapters the `intruder_gate_adapter_intruders` gauge keeps a series for,
@@ -465,7 +562,8 @@ ig_status ig_gate_attach_base_tensor(ig_gate *g,
 /**
  * Loads and screens a PEFT adapter directory. `*out` is written only on success; free it with
  * `ig_report_free`. A failure (unreadable or malformed adapter, modules not in the base, …)
- * leaves the gate exactly as it was.
+ * leaves the gate exactly as it was. The report keeps a copy of the adapter's factors (f32),
+ * for `ig_gate_clamp`, until it is freed.
  *
  * # Safety
  * `g` is NULL or a live gate; `adapter_dir` is NULL or NUL-terminated; `out` is NULL or

@@ -151,7 +151,7 @@ impl ClampedAdapter {
                 let rank = match pad_rank_to {
                     Some(n) if n < m.rank => crate::bail!(
                         InvalidArgument,
-                        "module {}: rank {} does not fit --pad-rank-to {n}",
+                        "module {}: rank {} does not fit in a padded rank of {n}",
                         m.name,
                         m.rank
                     ),
@@ -193,11 +193,16 @@ impl ClampedAdapter {
         pad_rank_to: Option<usize>,
     ) -> Result<()> {
         let adapter = self.to_adapter(dtype.unwrap_or(self.dtype), pad_rank_to)?;
-        let provenance = serde_json::json!({
-            "tool": concat!("intruder-gate ", env!("CARGO_PKG_VERSION")),
+        adapter::write_peft_dir(dir, &adapter, self.source.as_deref(), &self.provenance())
+    }
+
+    /// What [`ClampedAdapter::write_peft`] records in the safetensors metadata: the tool and the
+    /// clamp (options, and per module the directions clamped and any truncation error).
+    pub fn provenance(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tool": adapter::TOOL,
             "clamp": self,
-        });
-        adapter::write_peft_dir(dir, &adapter, self.source.as_deref(), &provenance)
+        })
     }
 
     /// `out = W0 + ΔW''` for one module, in the stored base tensor's layout (`[in, out]` when

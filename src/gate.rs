@@ -250,15 +250,21 @@ impl Gate {
 
     /// Loads and screens a PEFT adapter directory.
     pub fn screen_adapter_dir(&self, dir: &Path) -> Result<Report> {
+        self.load_and_screen(dir).map(|(report, _)| report)
+    }
+
+    /// [`Gate::screen_adapter_dir`], also handing back the loaded adapter (e.g. to
+    /// [`Gate::clamp`] it); `None` when it could not be loaded and the policy rejected it.
+    pub fn load_and_screen(&self, dir: &Path) -> Result<(Report, Option<Adapter>)> {
         let started = Instant::now();
         match adapter::load_peft_dir(dir, &self.config.limits) {
-            Ok(a) => self.screen(&a),
+            Ok(a) => Ok((self.screen(&a)?, Some(a))),
             Err(e) => {
                 let name = dir
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                self.finish(&name, Err(e), started)
+                Ok((self.finish(&name, Err(e), started)?, None))
             }
         }
     }

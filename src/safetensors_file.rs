@@ -339,6 +339,18 @@ pub fn write(
     })
 }
 
+/// A hidden name beside `path` (same directory, so a rename moves it into place), unique per
+/// process and call, so concurrent writers never share a temporary file or directory.
+pub fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.{}.{seq}.tmp", std::process::id()))
+}
+
 /// Writes `path` atomically: `fill` writes a temp file in the same directory, which is synced
 /// and renamed over `path`, so readers see the old file or the whole new one, never a part.
 pub fn write_atomically(
@@ -349,14 +361,7 @@ pub fn write_atomically(
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    // Unique per process and call, so concurrent writers never share a temp file.
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{file_name}.{}.{seq}.tmp", std::process::id()));
+    let tmp = temp_sibling(path);
     let written = (|| {
         let mut f = File::create(&tmp)?;
         fill(&mut f)?;
@@ -367,11 +372,15 @@ pub fn write_atomically(
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
-    // Make the rename itself durable; not every platform can open a directory, so best effort.
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Makes a rename into `dir` durable; not every platform can open a directory, so best effort.
+pub fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -209,6 +209,98 @@ fn adapter_registry_cpp_screens_before_activating() {
     }
 }
 
+/// Under a policy that clamps on any intruder, the registry activates the clamped factors: its
+/// report of each clamp (directions added to the served ranks) is the Rust `Gate::clamp`'s, with
+/// and without `--merge`; an adapter without intruders is served as it is.
+#[test]
+fn adapter_registry_cpp_activates_clamped_factors_under_a_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(&policy, CLAMP_ON_ANY_INTRUDER).unwrap();
+    let quiet = edited_r2(
+        tmp.path(),
+        "quiet",
+        |c| c["lora_alpha"] = 0.001.into(),
+        str::to_owned,
+    );
+    let gate = intruder_gate::Gate::new(intruder_gate::Config {
+        cache_dir: None,
+        policy: intruder_gate::Policy::parse(CLAMP_ON_ANY_INTRUDER).unwrap(),
+        ..intruder_gate::Config::default()
+    })
+    .unwrap();
+    gate.attach_base(&minilm_base()).unwrap();
+    let want = |fixture: &str| {
+        let adapter = intruder_gate::adapter::load_peft_dir(
+            &adapter_dir(fixture),
+            &intruder_gate::limits::Limits::default(),
+        )
+        .unwrap();
+        let report = gate.screen(&adapter).unwrap();
+        assert_eq!(report.verdict, intruder_gate::Verdict::Clamp);
+        let opts = intruder_gate::ClampOptions {
+            lambda: 0.3,
+            ..Default::default()
+        };
+        let c = gate.clamp(&adapter, &report, &opts).unwrap();
+        let modules = c.modules.iter().filter(|m| !m.clamped.is_empty()).count();
+        format!(
+            "verdict clamp, {} modules, {} intruder dimensions, clamped {} directions in {modules} modules (lambda 0.3)",
+            c.modules.len(),
+            report.total_intruders,
+            c.clamped_directions()
+        )
+    };
+    let script = format!(
+        "load r2 {}\nload qv {}\nload quiet {}\nlist\nunload qv\n",
+        adapter_dir("lora_r2").display(),
+        adapter_dir("lora_r16_qv").display(),
+        quiet.display()
+    );
+    for (flag, how) in [(None, "unmerged"), (Some("--merge"), "merged")] {
+        let mut cmd = Command::new(adapter_registry());
+        cmd.args(flag)
+            .arg("--policy")
+            .arg(&policy)
+            .args(["--lambda", "0.3"])
+            .arg(minilm_base());
+        let out = run(&mut cmd, &script);
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines[0], format!("loaded r2: {}, {how}", want("lora_r2")));
+        assert_eq!(
+            lines[1],
+            format!("loaded qv: {}, {how}", want("lora_r16_qv"))
+        );
+        assert_eq!(
+            lines[2],
+            format!("loaded quiet: verdict accept, 36 modules, 0 intruder dimensions, {how}")
+        );
+        assert_eq!(lines[3], "3 active", "{stdout}");
+        assert_eq!(lines[7], "unloaded qv", "{stdout}");
+    }
+    // A policy file that is not a policy stops the registry before it reads a command.
+    std::fs::write(&policy, r#"{"rules": [{"metric": "nope"}]}"#).unwrap();
+    let out = run(
+        Command::new(adapter_registry())
+            .arg("--policy")
+            .arg(&policy)
+            .arg(minilm_base()),
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr)
+            .starts_with("error: setting the policy: invalid argument: policy is not valid JSON"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+const CLAMP_ON_ANY_INTRUDER: &str =
+    r#"{"rules": [{"metric": "total_intruders", "threshold": 1, "action": "clamp"}]}"#;
+
 /// A copy of `lora_r2` in `dir/name` with its config and safetensors header edited; the header
 /// must keep its length, so the data offsets stay valid byte for byte.
 fn edited_r2(
@@ -443,27 +535,50 @@ fn cmake_builds_the_examples_through_pkg_config() {
     assert!(text(&out.stdout).contains("\"schema_version\""));
 }
 
-/// CI runs this with valgrind installed: the C example must be leak- and error-free. The
-/// suppressions cover two "possibly lost" reports that are not leaks (see the file).
-#[test]
-fn screen_adapter_c_is_valgrind_clean() {
+/// Runs `exe args` once to warm the disk cache (so under valgrind only the per-adapter maths
+/// runs), then under valgrind, which must find no leak and no error. The suppressions cover two
+/// "possibly lost" reports that are not leaks (see the file).
+fn assert_valgrind_clean(exe: &Path, args: &[&std::ffi::OsStr], stdin: &str) -> Option<Output> {
     if !on_path("valgrind") {
         println!("skipped: valgrind not installed");
-        return;
+        return None;
     }
-    let exe = screen_adapter();
-    let args = |c: &mut Command| {
-        c.arg(minilm_base()).arg(adapter_dir("lora_r16_qv"));
-    };
-    // Warm the disk cache first: under valgrind only the per-adapter maths runs.
-    let mut warm = Command::new(exe);
-    args(&mut warm);
-    assert!(run(&mut warm, "").status.success());
+    assert!(run(Command::new(exe).args(args), stdin).status.success());
     let mut cmd = Command::new("valgrind");
     cmd.args(["--leak-check=full", "--error-exitcode=1", "--quiet"])
         .arg(format!("--suppressions={ROOT}/cpp_examples/valgrind.supp"))
-        .arg(exe);
-    args(&mut cmd);
-    let out = run(&mut cmd, "");
+        .arg(exe)
+        .args(args);
+    let out = run(&mut cmd, stdin);
     assert!(out.status.success(), "valgrind:\n{}", text(&out.stderr));
+    Some(out)
+}
+
+/// CI runs this with valgrind installed: the C example must be leak- and error-free.
+#[test]
+fn screen_adapter_c_is_valgrind_clean() {
+    let (base, adapter) = (minilm_base(), adapter_dir("lora_r16_qv"));
+    assert_valgrind_clean(
+        screen_adapter(),
+        &[base.as_os_str(), adapter.as_os_str()],
+        "",
+    );
+}
+
+/// The registry's clamp path (screen, clamp, activate, merge, unload) under valgrind.
+#[test]
+fn adapter_registry_cpp_clamp_is_valgrind_clean() {
+    let base = minilm_base();
+    let script = format!(
+        "load qv {}\nunload qv\n",
+        adapter_dir("lora_r16_qv").display()
+    );
+    let args = [std::ffi::OsStr::new("--merge"), base.as_os_str()];
+    if let Some(out) = assert_valgrind_clean(adapter_registry(), &args, &script) {
+        assert!(
+            text(&out.stdout).starts_with("loaded qv: verdict clamp, 12 modules, 12 intruder dimensions, clamped 12 directions in 9 modules (lambda 0.75), merged\nunloaded qv\n"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
 }

@@ -4,10 +4,12 @@
 mod common;
 
 use common::{adapter_dir, assert_same_numbers, cli_report, minilm_base, ADAPTERS};
+use faer::Mat;
 use intruder_gate::adapter::load_peft_dir;
 use intruder_gate::base::BaseModel;
 use intruder_gate::ffi::*;
 use intruder_gate::limits::Limits;
+use intruder_gate::{ClampMode, ClampOptions, Config, Gate, Target};
 use serde_json::Value;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
@@ -443,6 +445,34 @@ fn null_pointers_are_refused_and_frees_accept_null() {
             ig_gate_set_event_callback(null_mut(), None, null_mut()),
             "gate is NULL",
         );
+        expect(
+            ig_config_set_policy_json(null_mut(), nul.as_ptr()),
+            "config is NULL",
+        );
+        let cfg = ig_config_new();
+        expect(
+            ig_config_set_policy_json(cfg, null()),
+            "policy_json is NULL",
+        );
+        ig_config_free(cfg);
+        let (all, exact) = (IG_CLAMP_TARGET_ALL, IG_CLAMP_MODE_EXACT);
+        expect(
+            ig_gate_clamp(null_mut(), report, 0.5, all, exact, 0, &mut out_a),
+            "gate is NULL",
+        );
+        expect(
+            ig_gate_clamp(g, null(), 0.5, all, exact, 0, &mut out_a),
+            "report is NULL",
+        );
+        expect(
+            ig_gate_clamp(g, report, 0.5, all, exact, 0, null_mut()),
+            "out is NULL",
+        );
+        expect(
+            ig_adapter_write_peft(null(), nul.as_ptr()),
+            "adapter is NULL",
+        );
+        expect(ig_adapter_write_peft(a, null()), "dir is NULL");
     }
     assert!(
         out_g.is_null() && out_r.is_null() && out_a.is_null(),
@@ -938,5 +968,525 @@ fn eight_threads_four_adapters_on_one_gate_match_serial() {
         ig_gate_free(shared.0);
         ig_gate_free(serial_gate);
         ig_adapter_free(in_mem);
+    }
+}
+
+/// A gate with `policy` (JSON), no disk cache, MiniLM attached.
+fn gate_with_policy(policy: &str) -> *mut ig_gate {
+    unsafe {
+        let cfg = ig_config_new();
+        ok(ig_config_set_cache_dir(cfg, null()));
+        ok(ig_config_set_policy_json(cfg, c(policy).as_ptr()));
+        let mut g = null_mut();
+        ok(ig_gate_new(cfg, &mut g));
+        ig_config_free(cfg);
+        ok(ig_gate_attach_base(g, c_path(&minilm_base()).as_ptr()));
+        g
+    }
+}
+
+fn screen_dir_report(g: *mut ig_gate, dir: &Path) -> *mut ig_report {
+    let mut r = null_mut();
+    ok(unsafe { ig_gate_screen_adapter(g, c_path(dir).as_ptr(), &mut r) });
+    r
+}
+
+#[test]
+fn a_policy_document_sets_the_verdict_rules() {
+    let g = gate_with_policy(
+        r#"{"rules": [{"metric": "total_intruders", "threshold": 1, "action": "reject"}],
+            "on_invalid": "fail"}"#,
+    );
+    let got = screen_dir(g, "lora_r2");
+    assert_eq!(got["verdict"], "reject");
+    assert_eq!(
+        got["fired_rules"][0]["reason"],
+        format!("total_intruders = {} ≥ 1 → reject", got["total_intruders"])
+    );
+    unsafe {
+        let cfg = ig_config_new();
+        ok(ig_config_set_cache_dir(cfg, null()));
+        for (bad, phrase) in [
+            ("{", "policy is not valid JSON"),
+            (
+                r#"{"rules": [{"metric": "min_max_cos", "threshold": 2, "action": "warn"}]}"#,
+                "threshold 2 is out of range",
+            ),
+        ] {
+            assert_status(
+                ig_config_set_policy_json(cfg, c(bad).as_ptr()),
+                IG_STATUS_INVALID_ARGUMENT,
+                phrase,
+            );
+        }
+        // The refused documents left the C default policy in place.
+        let mut g2 = null_mut();
+        ok(ig_gate_new(cfg, &mut g2));
+        ig_config_free(cfg);
+        ok(ig_gate_attach_base(g2, c_path(&minilm_base()).as_ptr()));
+        assert_eq!(screen_dir(g2, "lora_r16_qv")["verdict"], "clamp");
+        ig_gate_free(g2);
+        ig_gate_free(g);
+    }
+}
+
+/// One module of an adapter handle, copied out through `ig_adapter_module`.
+#[derive(Debug, Clone, PartialEq)]
+struct Factors {
+    name: String,
+    rank: usize,
+    in_features: usize,
+    out_features: usize,
+    scale: f32,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Factors {
+    /// `scale · B · A` in f64.
+    fn delta(&self) -> Mat<f64> {
+        let (r, n) = (self.rank, self.in_features);
+        let b = Mat::<f64>::from_fn(self.out_features, r, |i, k| self.b[i * r + k] as f64);
+        let a = Mat::<f64>::from_fn(r, n, |k, j| self.a[k * n + j] as f64);
+        b * a * faer::Scale(self.scale as f64)
+    }
+}
+
+fn factors(a: *const ig_adapter) -> Vec<Factors> {
+    unsafe {
+        (0..ig_adapter_module_count(a))
+            .map(|i| {
+                let mut f = std::mem::zeroed::<ig_lora_factors>();
+                ok(ig_adapter_module(a, i, &mut f));
+                Factors {
+                    name: CStr::from_ptr(f.name).to_str().unwrap().to_owned(),
+                    rank: f.rank,
+                    in_features: f.in_features,
+                    out_features: f.out_features,
+                    scale: f.scale,
+                    a: std::slice::from_raw_parts(f.lora_a, f.rank * f.in_features).to_vec(),
+                    b: std::slice::from_raw_parts(f.lora_b, f.out_features * f.rank).to_vec(),
+                }
+            })
+            .collect()
+    }
+}
+
+fn clamp(
+    g: *mut ig_gate,
+    r: *const ig_report,
+    lambda: f64,
+    target: ig_clamp_target,
+    mode: ig_clamp_mode,
+    pad_rank_to: usize,
+) -> *mut ig_adapter {
+    let mut out = null_mut();
+    ok(unsafe { ig_gate_clamp(g, r, lambda, target, mode, pad_rank_to, &mut out) });
+    assert!(!out.is_null());
+    out
+}
+
+fn rel(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+    (a - b).norm_l2() / b.norm_l2()
+}
+
+/// The C clamp, of a report screened from a directory or from host memory, gives the factors
+/// of the Rust `Gate::clamp` for every target and mode; `pad_rank_to` only adds zeros.
+#[test]
+fn clamp_through_the_c_abi_gives_the_rust_clamp() {
+    let rust = Gate::new(Config {
+        cache_dir: None,
+        ..Config::default()
+    })
+    .unwrap();
+    rust.attach_base(&minilm_base()).unwrap();
+    let adapter = load_peft_dir(&adapter_dir("lora_r16_qv"), &Limits::default()).unwrap();
+    let report = rust.screen(&adapter).unwrap();
+
+    let g = gate();
+    let from_dir = screen_dir_report(g, &adapter_dir("lora_r16_qv"));
+    let host = in_memory("lora_r16_qv", IG_DTYPE_F32);
+    let mut from_memory = null_mut();
+    ok(unsafe { ig_gate_screen(g, host, &mut from_memory) });
+    for (lambda, target, mode, t, m) in [
+        (
+            0.3,
+            IG_CLAMP_TARGET_ALL,
+            IG_CLAMP_MODE_EXACT,
+            Target::All,
+            ClampMode::Exact,
+        ),
+        (
+            0.75,
+            IG_CLAMP_TARGET_TOP1,
+            IG_CLAMP_MODE_EXACT,
+            Target::Top1,
+            ClampMode::Exact,
+        ),
+        (
+            0.0,
+            IG_CLAMP_TARGET_ALL,
+            IG_CLAMP_MODE_RANK_PRESERVING,
+            Target::All,
+            ClampMode::RankPreserving,
+        ),
+    ] {
+        let opts = ClampOptions {
+            lambda,
+            target: t,
+            mode: m,
+        };
+        let want = rust.clamp(&adapter, &report, &opts).unwrap();
+        assert!(want.clamped_directions() > 0);
+        for r in [from_dir, from_memory] {
+            let got_handle = clamp(g, r, lambda, target, mode, 0);
+            let got = factors(got_handle);
+            assert_eq!(got.len(), want.modules.len());
+            for (f, w) in got.iter().zip(&want.modules) {
+                assert_eq!(
+                    (&f.name, f.rank, f.scale),
+                    (&w.name, w.rank, 1.0),
+                    "{opts:?}"
+                );
+                let w_delta = Factors {
+                    name: w.name.clone(),
+                    rank: w.rank,
+                    in_features: w.in_features,
+                    out_features: w.out_features,
+                    scale: 1.0,
+                    a: w.a.clone(),
+                    b: w.b.clone(),
+                }
+                .delta();
+                let err = rel(&f.delta(), &w_delta);
+                assert!(err <= 1e-6, "{} {opts:?}: ΔW differs by {err:.1e}", f.name);
+            }
+            // Padded: the same ΔW, every module at rank 32.
+            let padded_handle = clamp(g, r, lambda, target, mode, 32);
+            for (p, f) in factors(padded_handle).iter().zip(&got) {
+                assert_eq!(p.rank, 32);
+                assert!(rel(&p.delta(), &f.delta()) <= 1e-12, "{}", p.name);
+            }
+            unsafe {
+                ig_adapter_free(padded_handle);
+                ig_adapter_free(got_handle);
+            }
+        }
+    }
+    unsafe {
+        ig_report_free(from_dir);
+        ig_report_free(from_memory);
+        ig_adapter_free(host);
+        ig_gate_free(g);
+    }
+}
+
+/// Independently of the library's own maths: against a dense f64 SVD of `W' = W0 + s·B·A`, the
+/// clamped `W'' = W0 + B''·A''` maps each clamped right singular vector to `λ·σ_j·u_j` and every
+/// other top-k one to `σ_i·u_i` (relative error ≤ 1e-4); re-screening the clamped in-memory
+/// adapter through the C ABI shows the same spectrum, the clamped values scaled by λ.
+#[test]
+fn the_clamped_adapter_has_each_clamped_sigma_times_lambda_and_the_rest_unchanged() {
+    let lambda = 0.3;
+    let g = gate();
+    let r = screen_dir_report(g, &adapter_dir("lora_r16_qv"));
+    let before = json(r);
+    let clamped = clamp(g, r, lambda, IG_CLAMP_TARGET_ALL, IG_CLAMP_MODE_EXACT, 0);
+    let after = screen(g, clamped);
+    let base = BaseModel::open(&minilm_base(), &Limits::default()).unwrap();
+    let original = load_peft_dir(&adapter_dir("lora_r16_qv"), &Limits::default()).unwrap();
+    let k = before["top_k"].as_u64().unwrap() as usize;
+    let indices = |v: &Value| -> Vec<usize> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let mut checked = 0;
+    for ((f, m), m_after) in factors(clamped)
+        .iter()
+        .zip(before["modules"].as_array().unwrap())
+        .zip(after["modules"].as_array().unwrap())
+    {
+        assert_eq!(m["module"], f.name.as_str());
+        let clamped_dirs = indices(&m["intruders"]);
+        assert_eq!(
+            f.rank,
+            m["rank"].as_u64().unwrap() as usize + clamped_dirs.len()
+        );
+
+        // Re-screened: the old top k with the clamped values scaled and re-sorted; entries that
+        // fell below the top k are replaced from below, so compare the first k − m.
+        let sigma = |v: &Value| -> Vec<f64> {
+            v["singular_values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let mut expected = sigma(m);
+        for &j in &clamped_dirs {
+            expected[j] *= lambda;
+        }
+        expected.sort_by(|a, b| b.total_cmp(a));
+        for (i, (got, want)) in sigma(m_after)
+            .iter()
+            .zip(&expected)
+            .take(k - clamped_dirs.len())
+            .enumerate()
+        {
+            assert!(
+                (got - want).abs() <= 1e-4 * want,
+                "{} re-screened σ[{i}]: {got} vs {want}",
+                f.name
+            );
+        }
+
+        // Dense: tied vectors are not individually defined, so modules whose clamped
+        // directions are tied are left to the re-screen check above.
+        if clamped_dirs.iter().any(|j| indices(&m["tied"]).contains(j)) {
+            continue;
+        }
+        let t = base.matrix(m["base_tensor"].as_str().unwrap()).unwrap();
+        let w = t.to_f64();
+        let w0 = Mat::from_fn(t.rows, t.cols, |i, j| w[i * t.cols + j]);
+        let lora = original.modules.iter().find(|l| l.name == f.name).unwrap();
+        let b = Mat::<f64>::from_fn(lora.out_features, lora.rank, |i, c| {
+            lora.b[i * lora.rank + c] as f64
+        });
+        let a = Mat::<f64>::from_fn(lora.rank, lora.in_features, |c, j| {
+            lora.a[c * lora.in_features + j] as f64
+        });
+        let svd = (&w0 + b * a * faer::Scale(lora.scale)).thin_svd().unwrap();
+        let w2 = &w0 + f.delta();
+        for i in 0..k {
+            let s = svd.S().column_vector()[i];
+            let want = if clamped_dirs.contains(&i) {
+                lambda * s
+            } else {
+                s
+            };
+            let residual = (&w2 * svd.V().col(i) - svd.U().col(i) * faer::Scale(want)).norm_l2();
+            assert!(
+                residual <= 1e-4 * s,
+                "{} σ[{i}] = {s}: ‖W''v − {want}·u‖ = {residual:.2e}",
+                f.name
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} modules checked densely");
+    assert!(
+        after["total_intruders"].as_u64().unwrap() <= before["total_intruders"].as_u64().unwrap()
+    );
+    unsafe {
+        ig_adapter_free(clamped);
+        ig_report_free(r);
+        ig_gate_free(g);
+    }
+}
+
+#[test]
+fn bad_clamp_calls_get_a_status_and_a_message_and_change_nothing() {
+    let g = gate();
+    let r = screen_dir_report(g, &adapter_dir("lora_r16_qv"));
+    let (all, exact) = (IG_CLAMP_TARGET_ALL, IG_CLAMP_MODE_EXACT);
+    let reference = clamp(g, r, 0.5, all, exact, 0);
+    let numbers_before = common::numbers(&screen_dir(g, "lora_r2"));
+
+    // Another gate's report; reports of failed screenings (a directory that does not parse,
+    // and an in-memory adapter whose module is not in the base) under a policy that rejects
+    // invalid adapters with a report rather than failing the call.
+    let other = gate();
+    let foreign = screen_dir_report(other, &adapter_dir("lora_r16_qv"));
+    let rejecting = gate_with_policy(r#"{"rules": []}"#);
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(broken.path().join("adapter_config.json"), "{").unwrap();
+    let weights = "adapter_model.safetensors";
+    std::fs::copy(
+        adapter_dir("lora_r2").join(weights),
+        broken.path().join(weights),
+    )
+    .unwrap();
+    let unparsed = screen_dir_report(rejecting, broken.path());
+    let mismatched = ig_adapter_new();
+    let f = [0.5f32; 2 * 384];
+    let mut unmatched = null_mut();
+    unsafe {
+        ok(ig_adapter_add_module(
+            mismatched,
+            c("decoder.nowhere.weight").as_ptr(),
+            f.as_ptr().cast(),
+            f.as_ptr().cast(),
+            IG_DTYPE_F32,
+            2,
+            384,
+            384,
+            1.0,
+        ));
+        ok(ig_gate_screen(rejecting, mismatched, &mut unmatched));
+        assert_eq!(ig_report_verdict(unparsed), IG_VERDICT_REJECT);
+        assert_eq!(ig_report_verdict(unmatched), IG_VERDICT_REJECT);
+    }
+
+    let cases: [(*mut ig_gate, *const ig_report, f64, u32, u32, usize, &str); 10] = [
+        (
+            g,
+            r,
+            f64::NAN,
+            all,
+            exact,
+            0,
+            "lambda must be finite and at least 0, got NaN",
+        ),
+        (
+            g,
+            r,
+            -0.1,
+            all,
+            exact,
+            0,
+            "lambda must be finite and at least 0",
+        ),
+        (g, r, f64::INFINITY, all, exact, 0, "lambda must be finite"),
+        (g, r, 0.5, 2, exact, 0, "unknown ig_clamp_target 2"),
+        (g, r, 0.5, all, 7, 0, "unknown ig_clamp_mode 7"),
+        (
+            g,
+            foreign,
+            0.5,
+            all,
+            exact,
+            0,
+            "the report was screened on another gate",
+        ),
+        (
+            other,
+            r,
+            0.5,
+            all,
+            exact,
+            0,
+            "the report was screened on another gate",
+        ),
+        (
+            rejecting,
+            unparsed,
+            0.5,
+            all,
+            exact,
+            0,
+            "its screening failed: ",
+        ),
+        (rejecting, unmatched, 0.5, all, exact, 0, "decoder.nowhere"),
+        (
+            g,
+            r,
+            0.5,
+            all,
+            exact,
+            4,
+            "does not fit in a padded rank of 4",
+        ),
+    ];
+    for (gate, report, lambda, target, mode, pad, phrase) in cases {
+        let mut out = null_mut();
+        assert_status(
+            unsafe { ig_gate_clamp(gate, report, lambda, target, mode, pad, &mut out) },
+            IG_STATUS_INVALID_ARGUMENT,
+            phrase,
+        );
+        assert!(out.is_null(), "{phrase}: out written on failure");
+    }
+
+    // Nothing changed: the same clamp gives the same factors, screening the same numbers.
+    let again = clamp(g, r, 0.5, all, exact, 0);
+    assert_eq!(factors(again), factors(reference));
+    assert_eq!(common::numbers(&screen_dir(g, "lora_r2")), numbers_before);
+    unsafe {
+        for a in [again, reference, mismatched] {
+            ig_adapter_free(a);
+        }
+        for rep in [r, foreign, unparsed, unmatched] {
+            ig_report_free(rep);
+        }
+        for gate in [g, other, rejecting] {
+            ig_gate_free(gate);
+        }
+    }
+}
+
+/// `ig_adapter_write_peft` writes a PEFT directory that loads back to the same factors and
+/// screens to the same numbers; it keeps the source's config fields, replaces an existing
+/// directory's files, and refuses what it cannot write.
+#[test]
+fn write_peft_round_trips_clamped_and_host_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = gate();
+    let r = screen_dir_report(g, &adapter_dir("lora_r16_qv"));
+    let clamped = clamp(g, r, 0.3, IG_CLAMP_TARGET_ALL, IG_CLAMP_MODE_EXACT, 0);
+    let host = in_memory("lora_r2", IG_DTYPE_F32);
+    for (name, a) in [("clamped", clamped), ("host", host)] {
+        let dir = tmp.path().join("out").join(name);
+        for _ in 0..2 {
+            // The second write replaces the first one's files.
+            ok(unsafe { ig_adapter_write_peft(a, c_path(&dir).as_ptr()) });
+        }
+        let mut loaded = null_mut();
+        ok(unsafe { ig_adapter_load_peft(c_path(&dir).as_ptr(), &mut loaded) });
+        assert_eq!(factors(loaded), factors(a), "{name}");
+        let mut from_dir = null_mut();
+        ok(unsafe { ig_gate_screen_adapter(g, c_path(&dir).as_ptr(), &mut from_dir) });
+        assert_same_numbers(&json(from_dir), &screen(g, a));
+        unsafe {
+            ig_report_free(from_dir);
+            ig_adapter_free(loaded);
+        }
+    }
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("out/clamped/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let top = factors(clamped).iter().map(|f| f.rank).max().unwrap();
+    assert_eq!(config["r"], top);
+    assert_eq!(config["lora_alpha"], top as f64);
+    assert_eq!(
+        config["auto_mapping"]["base_model_class"], "BertModel",
+        "the source's fields are kept"
+    );
+    let mut names: Vec<_> = std::fs::read_dir(tmp.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["clamped", "host"], "no staging directory left");
+
+    unsafe {
+        let file = tmp.path().join("a-file");
+        std::fs::write(&file, "x").unwrap();
+        assert_status(
+            ig_adapter_write_peft(clamped, c_path(&file).as_ptr()),
+            IG_STATUS_IO,
+            "a-file",
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+        let mut rs = null_mut();
+        ok(ig_adapter_load_peft(
+            c_path(&adapter_dir("rslora_r16")).as_ptr(),
+            &mut rs,
+        ));
+        assert_status(
+            ig_adapter_write_peft(rs, c_path(&tmp.path().join("rs")).as_ptr()),
+            IG_STATUS_INVALID_ARGUMENT,
+            "only plain-LoRA scales can be written",
+        );
+        assert!(!tmp.path().join("rs").exists());
+        ig_adapter_free(rs);
+        ig_adapter_free(clamped);
+        ig_adapter_free(host);
+        ig_report_free(r);
+        ig_gate_free(g);
     }
 }

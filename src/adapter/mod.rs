@@ -7,7 +7,7 @@ mod write;
 
 pub use config::AdapterConfig;
 pub use load::load_peft_dir;
-pub use write::write_peft_dir;
+pub use write::{write_peft_dir, TOOL};
 
 use crate::bail;
 use crate::error::Result;

@@ -8,7 +8,18 @@ use crate::tensor::encode;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// Names the writer in the provenance written into the safetensors metadata.
+pub const TOOL: &str = concat!("intruder-gate ", env!("CARGO_PKG_VERSION"));
+
+const CONFIG: &str = "adapter_config.json";
+const WEIGHTS: &str = "adapter_model.safetensors";
+
 /// Writes `adapter_config.json` and `adapter_model.safetensors` (each module in its own dtype).
+///
+/// Atomic: everything is checked and encoded first, then both files are written into a hidden
+/// directory beside `dir` and moved into place. A new `dir` appears whole, with one rename; in an
+/// existing `dir` each file is replaced by a rename (other files there are left alone). A failure
+/// leaves `dir` as it was and no staging directory behind.
 ///
 /// Every module's scale must be `alpha / rank` (no rsLoRA). The top-level `r` / `lora_alpha` are
 /// those of the highest-rank module, so a server's `max_lora_rank` check sees the true maximum;
@@ -39,7 +50,7 @@ pub fn write_peft_dir(
             "an adapter to write needs at least one module"
         );
     };
-    let mut config = match source.map(|d| d.join("adapter_config.json")) {
+    let mut config = match source.map(|d| d.join(CONFIG)) {
         Some(p) if p.is_file() => {
             let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
             match serde_json::from_str(&text) {
@@ -92,7 +103,6 @@ pub fn write_peft_dir(
     config
         .entry("target_modules")
         .or_insert_with(|| leaves.into());
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = Vec::with_capacity(2 * adapter.modules.len());
     for m in &adapter.modules {
         let key = |ab: &str| format!("base_model.model.{}.lora_{ab}.weight", m.name);
@@ -113,8 +123,124 @@ pub fn write_peft_dir(
         ("format".to_string(), "pt".to_string()),
         ("intruder_gate".to_string(), provenance.to_string()),
     ]);
-    safetensors_file::write(&dir.join("adapter_model.safetensors"), &tensors, &metadata)?;
-    let path = dir.join("adapter_config.json");
     let text = serde_json::to_string_pretty(&config).expect("a JSON map always serializes");
-    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+
+    if dir.file_name().is_none() {
+        bail!(
+            InvalidArgument,
+            "{}: not a directory name to write an adapter to",
+            dir.display()
+        );
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let stage = safetensors_file::temp_sibling(dir);
+    std::fs::create_dir(&stage).map_err(|e| Error::io(&stage, e))?;
+    let written = (|| {
+        safetensors_file::write(&stage.join(WEIGHTS), &tensors, &metadata)?;
+        let path = stage.join(CONFIG);
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        publish(&stage, dir)
+    })();
+    // Gone after a whole-directory rename; otherwise empty or holding the failed attempt.
+    let _ = std::fs::remove_dir_all(&stage);
+    safetensors_file::sync_dir(parent);
+    written
+}
+
+/// Moves the staged files into `dir`: the whole directory when `dir` does not exist (or is
+/// empty), else file by file.
+fn publish(stage: &Path, dir: &Path) -> Result<()> {
+    let whole = std::fs::rename(stage, dir);
+    if whole.is_ok() {
+        return Ok(());
+    }
+    if !dir.is_dir() {
+        return whole.map_err(|e| Error::io(dir, e));
+    }
+    for name in [WEIGHTS, CONFIG] {
+        let to = dir.join(name);
+        std::fs::rename(stage.join(name), &to).map_err(|e| Error::io(&to, e))?;
+    }
+    safetensors_file::sync_dir(dir);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::Limits;
+    use crate::tensor::DType;
+    use crate::ErrorKind;
+
+    fn adapter() -> Adapter {
+        let m = LoraModule {
+            name: "layer.q".into(),
+            rank: 1,
+            in_features: 2,
+            out_features: 3,
+            a: vec![1.0, 2.0],
+            b: vec![3.0, 4.0, 5.0],
+            alpha: 2.0,
+            scale: 2.0,
+            dtype: DType::F32,
+        };
+        Adapter::from_modules("t", vec![m], &Limits::default()).unwrap()
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn writes_a_new_directory_or_replaces_the_files_of_an_existing_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("nested/new");
+        write_peft_dir(&fresh, &adapter(), None, &serde_json::json!({})).unwrap();
+        assert_eq!(entries(&fresh), [CONFIG, WEIGHTS]);
+
+        let existing = tmp.path().join("existing");
+        std::fs::create_dir(&existing).unwrap();
+        std::fs::write(existing.join("README.md"), "kept").unwrap();
+        std::fs::write(existing.join(CONFIG), "old").unwrap();
+        write_peft_dir(&existing, &adapter(), None, &serde_json::json!({})).unwrap();
+        assert_eq!(entries(&existing), ["README.md", CONFIG, WEIGHTS]);
+        assert_ne!(
+            std::fs::read_to_string(existing.join(CONFIG)).unwrap(),
+            "old"
+        );
+        assert_eq!(
+            entries(tmp.path()),
+            ["existing", "nested"],
+            "no staging left"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("a-file");
+        std::fs::write(&file, "x").unwrap();
+        let e = write_peft_dir(&file, &adapter(), None, &serde_json::json!({})).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert!(e.message().contains("a-file"), "{e}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+        assert_eq!(entries(tmp.path()), ["a-file"], "no staging left");
+        let e = write_peft_dir(
+            &tmp.path().join(".."),
+            &adapter(),
+            None,
+            &serde_json::json!({}),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    }
 }

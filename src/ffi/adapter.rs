@@ -4,11 +4,11 @@ use super::{
     arg, ffi_try, ffi_value, free_handle, ig_dtype, ig_status, into_handle, out_arg, str_arg,
     Failure, IG_DTYPE_BF16, IG_DTYPE_F16, IG_DTYPE_F32, IG_STATUS_INVALID_ARGUMENT,
 };
-use crate::adapter::{load_peft_dir, validate_module, Adapter, LoraModule};
+use crate::adapter::{self, load_peft_dir, validate_module, Adapter, LoraModule};
 use crate::limits::Limits;
 use crate::tensor::{DType, TensorRef};
 use std::ffi::{c_char, c_void, CString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// An adapter: a list of LoRA modules with their factors copied to f32. Opaque.
 pub struct ig_adapter {
@@ -17,6 +17,11 @@ pub struct ig_adapter {
     /// `modules[i].name` as C strings, for `ig_adapter_module`.
     c_names: Vec<CString>,
     fan_in_fan_out: bool,
+    /// The PEFT directory it came from (directly or, when clamped, through its original), whose
+    /// `adapter_config.json` fields `ig_adapter_write_peft` keeps.
+    source: Option<PathBuf>,
+    /// What `ig_adapter_write_peft` records in the safetensors metadata.
+    provenance: serde_json::Value,
 }
 
 impl ig_adapter {
@@ -24,8 +29,35 @@ impl ig_adapter {
     pub(crate) fn to_adapter(&self, limits: &Limits) -> crate::Result<Adapter> {
         let mut a = Adapter::from_modules(&self.name, self.modules.clone(), limits)?;
         a.fan_in_fan_out = self.fan_in_fan_out;
+        a.path.clone_from(&self.source);
         Ok(a)
     }
+
+    /// A handle for a loaded or clamped adapter.
+    pub(crate) fn from_adapter(
+        a: Adapter,
+        source: Option<PathBuf>,
+        provenance: serde_json::Value,
+    ) -> Result<Self, Failure> {
+        let c_names = a
+            .modules
+            .iter()
+            .map(|m| CString::new(m.name.clone()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| Failure::new(super::IG_STATUS_FORMAT, "a module name contains NUL"))?;
+        Ok(ig_adapter {
+            name: a.name,
+            modules: a.modules,
+            c_names,
+            fan_in_fan_out: a.fan_in_fan_out,
+            source,
+            provenance,
+        })
+    }
+}
+
+fn tool_provenance() -> serde_json::Value {
+    serde_json::json!({ "tool": adapter::TOOL })
 }
 
 /// One module's factors, borrowed from an `ig_adapter` (valid until it is freed or changed).
@@ -95,6 +127,8 @@ pub extern "C" fn ig_adapter_new() -> *mut ig_adapter {
             modules: Vec::new(),
             c_names: Vec::new(),
             fan_in_fan_out: false,
+            source: None,
+            provenance: tool_provenance(),
         })
     })
 }
@@ -194,18 +228,8 @@ pub unsafe extern "C" fn ig_adapter_load_peft(
         let dir = str_arg(dir, "adapter_dir")?;
         let out = out_arg(out, "out")?;
         let loaded = load_peft_dir(Path::new(dir), &Limits::default())?;
-        let c_names = loaded
-            .modules
-            .iter()
-            .map(|m| CString::new(m.name.clone()))
-            .collect::<Result<_, _>>()
-            .map_err(|_| Failure::new(super::IG_STATUS_FORMAT, "a module name contains NUL"))?;
-        *out = into_handle(ig_adapter {
-            name: loaded.name,
-            modules: loaded.modules,
-            c_names,
-            fan_in_fan_out: loaded.fan_in_fan_out,
-        });
+        let source = loaded.path.clone();
+        *out = into_handle(ig_adapter::from_adapter(loaded, source, tool_provenance())?);
         Ok(())
     })
 }
@@ -219,8 +243,9 @@ pub unsafe extern "C" fn ig_adapter_module_count(a: *const ig_adapter) -> usize 
     ffi_value(0, || a.as_ref().map_or(0, |a| a.modules.len()))
 }
 
-/// Module `i` (0-based, in the order added or, for PEFT directories, sorted by name). The
-/// pointers in `*out` stay valid until the adapter is freed or a module is added.
+/// Module `i` (0-based, in the order added or, for PEFT directories and clamped adapters,
+/// sorted by name). The pointers in `*out` stay valid until the adapter is freed or a module is
+/// added.
 ///
 /// # Safety
 /// `a` is NULL or a live adapter; `out` is NULL or writable.
@@ -255,10 +280,41 @@ pub unsafe extern "C" fn ig_adapter_module(
     })
 }
 
+/// Writes the adapter as a standard PEFT directory (`adapter_config.json` +
+/// `adapter_model.safetensors`, each module in the dtype it was given or loaded in), which
+/// `ig_adapter_load_peft`, PEFT's `from_pretrained` and vLLM load. `dir` and missing parents are
+/// created. Atomic: a new directory appears whole; in an existing one each of the two files is
+/// replaced by a rename (other files are left alone); on failure `dir` is left as it was. An
+/// adapter read from a PEFT directory (or clamped from one) keeps that config's other fields
+/// (task type, base model, …). Fails with IG_STATUS_INVALID_ARGUMENT for rsLoRA scales (only
+/// scale = lora_alpha / r can be written; clamped adapters always can), IG_STATUS_IO when the
+/// directory cannot be written.
+///
+/// # Safety
+/// `a` is NULL or a live adapter not being changed; `dir` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn ig_adapter_write_peft(
+    a: *const ig_adapter,
+    dir: *const c_char,
+) -> ig_status {
+    ffi_try(|| {
+        let a = arg(a, "adapter")?;
+        let dir = str_arg(dir, "dir")?;
+        let adapter = a.to_adapter(&Limits::default())?;
+        Ok(adapter::write_peft_dir(
+            Path::new(dir),
+            &adapter,
+            a.source.as_deref(),
+            &a.provenance,
+        )?)
+    })
+}
+
 /// Frees an adapter. NULL is a no-op. Reports screened from it stay valid.
 ///
 /// # Safety
-/// `a` is NULL or came from `ig_adapter_new` / `ig_adapter_load_peft` and was not freed before.
+/// `a` is NULL or came from `ig_adapter_new`, `ig_adapter_load_peft` or `ig_gate_clamp` and was
+/// not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn ig_adapter_free(a: *mut ig_adapter) {
     free_handle(a)

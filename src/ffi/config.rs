@@ -2,6 +2,7 @@
 
 use super::{ffi_try, ffi_value, free_handle, ig_status, into_handle, str_arg, Failure};
 use crate::config::Config;
+use crate::policy::Policy;
 use std::ffi::c_char;
 use std::path::PathBuf;
 
@@ -80,6 +81,31 @@ pub unsafe extern "C" fn ig_config_set_cache_dir(
             false => Some(PathBuf::from(str_arg(dir, "dir")?)),
         };
         set(c, |cfg| cfg.cache_dir = dir)
+    })
+}
+
+/// Sets the verdict rules from a policy document: JSON text (copied), the format of
+/// `intruder-gate scan --policy` (README, "The policy"), e.g.
+/// `{"rules": [{"metric": "total_intruders", "threshold": 1, "action": "clamp"}]}`. As there, a
+/// document without `"on_invalid"` turns an invalid adapter into a `reject` report carrying the
+/// error (see `ig_report_json`) rather than a failed call; add `"on_invalid": "fail"` to keep
+/// the C default. Malformed JSON, an unknown metric or action, or a threshold out of range:
+/// IG_STATUS_INVALID_ARGUMENT, and the config keeps its policy.
+///
+/// # Safety
+/// `c` is NULL or a live config, not used by another thread during the call; `policy_json` is
+/// NULL or a NUL-terminated UTF-8 string.
+#[no_mangle]
+pub unsafe extern "C" fn ig_config_set_policy_json(
+    c: *mut ig_config,
+    policy_json: *const c_char,
+) -> ig_status {
+    ffi_try(|| {
+        if c.is_null() {
+            return Err(super::invalid("config"));
+        }
+        let policy = Policy::parse(str_arg(policy_json, "policy_json")?)?;
+        set(c, |cfg| cfg.policy = policy)
     })
 }
 

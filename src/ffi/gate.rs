@@ -10,11 +10,14 @@ use crate::gate::{Gate, ScreenEvent};
 use crate::metrics::ScreenOutcome;
 use std::ffi::{c_char, c_void, CString};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A gate: a base model and its spectrum cache. Opaque. Thread-safe: every function taking a
 /// gate may be called from many threads at once on the same gate.
 pub struct ig_gate {
-    gate: Gate,
+    pub(crate) gate: Gate,
+    /// Unique in the process (addresses are reused), so a report knows which gate screened it.
+    pub(crate) id: u64,
 }
 
 /// Creates a gate with the settings in `c` (copied; NULL = defaults). `*out` is written only on
@@ -27,7 +30,9 @@ pub unsafe extern "C" fn ig_gate_new(c: *const ig_config, out: *mut *mut ig_gate
     ffi_try(|| {
         let out = out_arg(out, "out")?;
         let gate = Gate::new(config_or_default(c))?;
-        *out = into_handle(ig_gate { gate });
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        *out = into_handle(ig_gate { gate, id });
         Ok(())
     })
 }
@@ -80,7 +85,8 @@ pub unsafe extern "C" fn ig_gate_attach_base_tensor(
 
 /// Loads and screens a PEFT adapter directory. `*out` is written only on success; free it with
 /// `ig_report_free`. A failure (unreadable or malformed adapter, modules not in the base, …)
-/// leaves the gate exactly as it was.
+/// leaves the gate exactly as it was. The report keeps a copy of the adapter's factors (f32),
+/// for `ig_gate_clamp`, until it is freed.
 ///
 /// # Safety
 /// `g` is NULL or a live gate; `adapter_dir` is NULL or NUL-terminated; `out` is NULL or
@@ -95,8 +101,8 @@ pub unsafe extern "C" fn ig_gate_screen_adapter(
         let g = arg(g, "gate")?;
         let dir = str_arg(adapter_dir, "adapter_dir")?;
         let out = out_arg(out, "out")?;
-        let report = g.gate.screen_adapter_dir(Path::new(dir))?;
-        *out = into_handle(ig_report::new(report)?);
+        let (report, adapter) = g.gate.load_and_screen(Path::new(dir))?;
+        *out = into_handle(ig_report::new(report, g.id, adapter)?);
         Ok(())
     })
 }
@@ -119,7 +125,7 @@ pub unsafe extern "C" fn ig_gate_screen(
         let out = out_arg(out, "out")?;
         let adapter = a.to_adapter(&g.gate.config().limits)?;
         let report = g.gate.screen(&adapter)?;
-        *out = into_handle(ig_report::new(report)?);
+        *out = into_handle(ig_report::new(report, g.id, Some(adapter))?);
         Ok(())
     })
 }

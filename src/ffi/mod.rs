@@ -5,11 +5,13 @@
 #![allow(non_camel_case_types)]
 
 mod adapter;
+mod clamp;
 mod config;
 mod gate;
 mod report;
 
 pub use adapter::*;
+pub use clamp::*;
 pub use config::*;
 pub use gate::*;
 pub use report::*;

@@ -1,6 +1,7 @@
 //! `ig_report`: the result of one screening, read through getters or as JSON.
 
 use super::{arg, ffi_try, ffi_value, free_handle, ig_status, out_arg, Failure};
+use crate::adapter::Adapter;
 use crate::report::{Report, Verdict};
 use std::ffi::{c_char, CString};
 
@@ -21,14 +22,23 @@ pub const IG_VERDICT_INVALID: ig_verdict = 255;
 
 /// A screening report. Opaque; immutable, so it may be read from many threads at once.
 pub struct ig_report {
-    report: Report,
+    pub(crate) report: Report,
     /// `(module, base_tensor)` of each module as C strings, for `ig_report_module`.
     c_names: Vec<(CString, CString)>,
     json: String,
+    /// The `ig_gate::id` of the gate that screened it.
+    pub(crate) gate: u64,
+    /// The adapter screened, for `ig_gate_clamp`; `None` when the screening failed (a `reject`
+    /// report carrying the error).
+    pub(crate) adapter: Option<Adapter>,
 }
 
 impl ig_report {
-    pub(crate) fn new(report: Report) -> Result<Self, Failure> {
+    pub(crate) fn new(
+        report: Report,
+        gate: u64,
+        adapter: Option<Adapter>,
+    ) -> Result<Self, Failure> {
         let c = |s: &str| {
             CString::new(s)
                 .map_err(|_| Failure::new(super::IG_STATUS_FORMAT, "a name contains NUL"))
@@ -40,8 +50,10 @@ impl ig_report {
             .collect::<Result<_, Failure>>()?;
         Ok(ig_report {
             json: report.to_json(),
+            adapter: adapter.filter(|_| report.error.is_none()),
             report,
             c_names,
+            gate,
         })
     }
 }
