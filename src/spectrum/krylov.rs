@@ -10,11 +10,9 @@
 //! by `θ − diag(G)`. For the Brand core `G` is diagonal plus low rank, so that preconditioner is
 //! exact up to the low-rank part and a handful of steps converge where Krylov needs dozens.
 
-use faer::diag::Diag;
-use faer::dyn_stack::{MemBuffer, MemStack};
-use faer::linalg::evd::{self, ComputeEigenvectors};
+use super::small_eigen::top_eigenpairs;
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatMut, MatRef, Par};
+use faer::{Accum, ColRef, Mat, MatMut, MatRef, Par};
 
 /// `a · b`, single-threaded: these products are small, modules are screened in parallel
 /// already, and rayon's fork/join costs more than the product itself at these sizes.
@@ -24,29 +22,10 @@ pub(crate) fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     out
 }
 
-/// Eigen-decomposition of a small symmetric matrix, single-threaded: ascending values, vectors.
-fn symmetric_eigen(a: MatRef<'_, f64>) -> (Vec<f64>, Mat<f64>) {
-    let n = a.nrows();
-    let mut s = Diag::<f64>::zeros(n);
-    let mut u = Mat::<f64>::zeros(n, n);
-    let par = Par::Seq;
-    let params = Default::default();
-    let mut mem = MemBuffer::new(evd::self_adjoint_evd_scratch::<f64>(
-        n,
-        ComputeEigenvectors::Yes,
-        par,
-        params,
-    ));
-    evd::self_adjoint_evd(
-        a,
-        s.as_mut(),
-        Some(u.as_mut()),
-        par,
-        MemStack::new(&mut mem),
-        params,
-    )
-    .expect("eigen-decomposition of a small symmetric matrix");
-    ((0..n).map(|i| s[i]).collect(), u)
+/// Euclidean norm of a column. faer's `norm_l2` rescales to avoid overflow, which cost a third of
+/// the whole solve here; these columns come from f32 data, whose squares cannot overflow f64.
+fn norm(c: ColRef<'_, f64>) -> f64 {
+    c.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
 /// A linear operator from `R^cols` to `R^rows`, applied to blocks of column vectors.
@@ -206,18 +185,9 @@ fn rayleigh_ritz(
     want: usize,
 ) -> RitzPairs {
     let tm = t.as_ref().submatrix(0, 0, m, m).to_owned();
-    let (vals, vecs) = symmetric_eigen(tm.as_ref());
-    let take = want.min(m);
-    // faer returns ascending eigenvalues: take the last `take`, largest first.
-    let idx: Vec<usize> = (0..take).map(|j| m - 1 - j).collect();
-    let mut coeff = Mat::<f64>::zeros(m, take);
-    let mut sigma = Vec::with_capacity(take);
-    for (c, &i) in idx.iter().enumerate() {
-        sigma.push(vals[i].max(0.0).sqrt());
-        for r in 0..m {
-            coeff[(r, c)] = vecs[(r, i)];
-        }
-    }
+    let (vals, coeff) = top_eigenpairs(tm.as_ref(), want.min(m));
+    let take = vals.len();
+    let sigma: Vec<f64> = vals.iter().map(|v| v.max(0.0).sqrt()).collect();
     let x = mul(q.as_ref().subcols(0, m), coeff.as_ref());
     let zc = mul(z.as_ref().subcols(0, m), coeff.as_ref());
     let wc = mul(w.as_ref().subcols(0, m), coeff.as_ref());
@@ -229,7 +199,7 @@ fn rayleigh_ritz(
     for (c, &sig) in sigma.iter().enumerate() {
         // ‖K y − σ x‖ with y = Kᵀx/σ equals ‖G x − σ² x‖/σ. A zero σ has y = 0 and is exact.
         if sig > 0.0 {
-            residual_norms.push(residuals.col(c).norm_l2() / sig);
+            residual_norms.push(norm(residuals.col(c)) / sig);
             for r in 0..y.nrows() {
                 y[(r, c)] /= sig;
             }
@@ -252,7 +222,7 @@ fn rayleigh_ritz(
 /// and one that keeps shrinking is inside the span and dropped.
 fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -> usize {
     let mut v = new.to_owned();
-    let norms0: Vec<f64> = (0..v.ncols()).map(|j| v.col(j).norm_l2()).collect();
+    let norms0: Vec<f64> = (0..v.ncols()).map(|j| norm(v.col(j))).collect();
     if m > 0 {
         for _ in 0..2 {
             let basis = q.as_ref().subcols(0, m);
@@ -270,8 +240,8 @@ fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -
             continue;
         }
         let mut col = v.col(j).to_owned();
-        let mut norm = col.norm_l2();
-        let mut independent = norm > 0.5 * norm0;
+        let mut prev = norm(col.as_ref());
+        let mut independent = prev > 0.5 * norm0;
         for pass in 0..4 {
             // After the block passes only the columns added in this call are new; a column
             // that shrank a lot is re-projected against the whole basis.
@@ -286,21 +256,21 @@ fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -
                 -1.0,
                 Par::Seq,
             );
-            let after = col.norm_l2();
+            let after = norm(col.as_ref());
             if after <= 1e-13 * norm0 {
                 independent = false;
                 break;
             }
-            independent = after > 0.5 * norm;
+            independent = after > 0.5 * prev;
             if independent {
                 break;
             }
-            norm = after;
+            prev = after;
         }
         if !independent {
             continue;
         }
-        let nv = col.norm_l2();
+        let nv = norm(col.as_ref());
         for r in 0..col.nrows() {
             q[(r, m + added)] = col[r] / nv;
         }

@@ -4,3 +4,4 @@ pub mod brand;
 pub mod cache;
 pub mod dense;
 pub mod krylov;
+mod small_eigen;
