@@ -777,10 +777,8 @@ fn json_and_last_error_buffers_report_the_size_needed() {
     }
 }
 
-#[test]
-fn a_failed_screening_leaves_the_gate_as_it_was() {
-    let g = gate();
-    let before = screen_dir(g, "rslora_r16");
+/// A PEFT directory with real weights (lora_r2's) and an adapter_config.json that does not parse.
+fn broken_adapter_dir() -> tempfile::TempDir {
     let broken = tempfile::tempdir().unwrap();
     std::fs::write(broken.path().join("adapter_config.json"), "{").unwrap();
     let weights = "adapter_model.safetensors";
@@ -789,6 +787,14 @@ fn a_failed_screening_leaves_the_gate_as_it_was() {
         broken.path().join(weights),
     )
     .unwrap();
+    broken
+}
+
+#[test]
+fn a_failed_screening_leaves_the_gate_as_it_was() {
+    let g = gate();
+    let before = screen_dir(g, "rslora_r16");
+    let broken = broken_adapter_dir();
     unsafe {
         let mut r = null_mut();
         assert_status(
@@ -1302,14 +1308,7 @@ fn bad_clamp_calls_get_a_status_and_a_message_and_change_nothing() {
     let other = gate();
     let foreign = screen_dir_report(other, &adapter_dir("lora_r16_qv"));
     let rejecting = gate_with_policy(r#"{"rules": []}"#);
-    let broken = tempfile::tempdir().unwrap();
-    std::fs::write(broken.path().join("adapter_config.json"), "{").unwrap();
-    let weights = "adapter_model.safetensors";
-    std::fs::copy(
-        adapter_dir("lora_r2").join(weights),
-        broken.path().join(weights),
-    )
-    .unwrap();
+    let broken = broken_adapter_dir();
     let unparsed = screen_dir_report(rejecting, broken.path());
     let mismatched = ig_adapter_new();
     let f = [0.5f32; 2 * 384];
