@@ -627,11 +627,11 @@ impl Gate {
 
     /// Computes and caches the base spectrum of every 2-D float base tensor (matching `include`),
     /// in parallel. Entries already cached are verified, not recomputed, so an interrupted run
-    /// resumes where it stopped. `progress` gets one line per finished tensor.
+    /// resumes where it stopped. `progress` is called once per finished tensor.
     pub fn index(
         &self,
         include: Option<&regex::Regex>,
-        progress: &(dyn Fn(&str) + Sync),
+        progress: &(dyn Fn(&IndexProgress<'_>) + Sync),
     ) -> Result<IndexSummary> {
         let started = Instant::now();
         let base = self.base.read();
@@ -651,15 +651,14 @@ impl Gate {
                     if let Some(w) = warning {
                         crate::bail!(Io, "{w}");
                     }
-                    let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    let elapsed = started.elapsed().as_secs_f64();
-                    let eta = elapsed / n as f64 * (total - n) as f64;
-                    progress(&format!(
-                        "[{n}/{total}] {name} [{}x{}] {} ({elapsed:.1}s elapsed, ETA {eta:.0}s)",
-                        w0.rows,
-                        w0.cols,
-                        source.label()
-                    ));
+                    progress(&IndexProgress {
+                        done: done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+                        total,
+                        name,
+                        shape: [w0.rows, w0.cols],
+                        source,
+                        elapsed_s: started.elapsed().as_secs_f64(),
+                    });
                     Ok(source)
                 })
                 .collect()
@@ -768,6 +767,41 @@ impl Gate {
             timings_ms,
             warnings,
         }
+    }
+}
+
+/// One tensor finished by `index`.
+pub struct IndexProgress<'a> {
+    /// Tensors finished so far, this one included.
+    pub done: usize,
+    pub total: usize,
+    pub name: &'a str,
+    pub shape: [usize; 2],
+    pub source: Source,
+    pub elapsed_s: f64,
+}
+
+impl IndexProgress<'_> {
+    /// Seconds left at the average pace so far.
+    pub fn eta_s(&self) -> f64 {
+        self.elapsed_s / self.done as f64 * (self.total - self.done) as f64
+    }
+}
+
+impl std::fmt::Display for IndexProgress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[{}/{}] {} [{}x{}] {} ({:.1}s elapsed, ETA {:.0}s)",
+            self.done,
+            self.total,
+            self.name,
+            self.shape[0],
+            self.shape[1],
+            self.source.label(),
+            self.elapsed_s,
+            self.eta_s()
+        )
     }
 }
 

@@ -256,3 +256,79 @@ fn tuned_model_comparison_uses_the_dense_method() {
     assert_eq!(v["modules"].as_array().unwrap().len(), 2);
     assert!(v["tuned"].is_string());
 }
+
+/// `index` fills the cache, resumes without recomputing what is there, and reports progress as
+/// one line per tensor in a pipe and as a bar redrawn in place on a terminal.
+#[test]
+fn index_resumes_and_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 1);
+    let cache = dir.path().join("cache");
+    let index = |extra: &[&str]| {
+        let out = cli()
+            .args(["index", "--backend", "cpu", "--base"])
+            .arg(&p.base)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+        (text(&out.stdout), text(&out.stderr))
+    };
+    let (summary, lines) = index(&[]);
+    assert!(summary.contains("indexed 2 tensors: 2 computed, 0 already cached"));
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    for l in lines.lines() {
+        assert!(l.contains(" computed (") && l.contains("ETA"), "{l}");
+    }
+
+    let files: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 2);
+    std::fs::remove_file(&files[0]).unwrap();
+    let (summary, lines) = index(&[]);
+    assert!(
+        summary.contains("indexed 2 tensors: 1 computed, 1 already cached"),
+        "{summary}"
+    );
+    assert!(lines.contains(" disk_hit ("), "{lines}");
+
+    // A terminal: util-linux `script` runs the command on a pseudo-terminal.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("skipped the terminal half: `script` (util-linux) is not installed");
+        return;
+    }
+    let command = format!(
+        "{} index --backend cpu --base {} --cache-dir {}",
+        env!("CARGO_BIN_EXE_intruder-gate"),
+        p.base.display(),
+        cache.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("\r[###############...............] 1/2  50%"),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("\r[##############################] 2/2 100%"),
+        "{shown:?}"
+    );
+    assert!(
+        !shown.contains(" disk_hit ("),
+        "no per-tensor lines on a terminal: {shown:?}"
+    );
+    assert!(shown.contains("indexed 2 tensors: 0 computed, 2 already cached"));
+}

@@ -11,7 +11,7 @@ use intruder_gate::spectrum::cache::CacheDType;
 use intruder_gate::tensor::DType;
 use intruder_gate::{ClampMode, ClampOptions, Policy, Target};
 use intruder_gate::{Config, Error, Gate};
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -454,9 +454,45 @@ fn index(a: IndexArgs) -> Result<ExitCode, Error> {
         })?),
         None => None,
     };
-    let summary = gate.index(include.as_ref(), &|p| eprintln!("{p}"))?;
-    println!("{summary}");
+    // A bar redrawn in place on a terminal; one line per tensor in logs and pipes.
+    let tty = std::io::stderr().is_terminal();
+    let summary = gate.index(include.as_ref(), &|p| {
+        if tty {
+            eprint!("\r{}\x1b[K", progress_bar(p));
+        } else {
+            eprintln!("{p}");
+        }
+    });
+    if tty {
+        eprintln!();
+    }
+    println!("{}", summary?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `[#######.............]  12/224  5%  model.layers.1.mlp.up_proj  38s, ETA 11m 2s`.
+fn progress_bar(p: &intruder_gate::gate::IndexProgress<'_>) -> String {
+    const WIDTH: usize = 30;
+    let filled = WIDTH * p.done / p.total.max(1);
+    let clock = |s: f64| {
+        let s = s.round() as u64;
+        match s {
+            0..60 => format!("{s}s"),
+            60..3600 => format!("{}m {}s", s / 60, s % 60),
+            _ => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        }
+    };
+    format!(
+        "[{}{}] {}/{} {:>3}%  {}  {}, ETA {}",
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        p.done,
+        p.total,
+        100 * p.done / p.total.max(1),
+        p.name,
+        clock(p.elapsed_s),
+        clock(p.eta_s())
+    )
 }
 
 fn demo() -> Result<ExitCode, Error> {
