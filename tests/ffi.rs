@@ -567,19 +567,8 @@ fn bad_settings_and_inputs_get_their_status_and_a_message() {
         assert!(r.is_null());
 
         // Modules that are not in the base; shapes that do not fit; non-finite factors.
-        let a = ig_adapter_new();
+        let a = adapter_off_the_base();
         let f = [0.5f32; 2 * 384];
-        ok(ig_adapter_add_module(
-            a,
-            c("decoder.nowhere.weight").as_ptr(),
-            f.as_ptr().cast(),
-            f.as_ptr().cast(),
-            IG_DTYPE_F32,
-            2,
-            384,
-            384,
-            1.0,
-        ));
         assert_status(
             ig_gate_screen(g, a, &mut r),
             IG_STATUS_BASE_MISMATCH,
@@ -775,6 +764,26 @@ fn json_and_last_error_buffers_report_the_size_needed() {
         ig_report_free(r);
         ig_gate_free(g);
     }
+}
+
+/// An in-memory adapter whose one module, `decoder.nowhere`, is not in the MiniLM base.
+fn adapter_off_the_base() -> *mut ig_adapter {
+    let a = ig_adapter_new();
+    let f = [0.5f32; 2 * 384];
+    ok(unsafe {
+        ig_adapter_add_module(
+            a,
+            c("decoder.nowhere.weight").as_ptr(),
+            f.as_ptr().cast(),
+            f.as_ptr().cast(),
+            IG_DTYPE_F32,
+            2,
+            384,
+            384,
+            1.0,
+        )
+    });
+    a
 }
 
 /// A PEFT directory with real weights (lora_r2's) and an adapter_config.json that does not parse.
@@ -1310,21 +1319,9 @@ fn bad_clamp_calls_get_a_status_and_a_message_and_change_nothing() {
     let rejecting = gate_with_policy(r#"{"rules": []}"#);
     let broken = broken_adapter_dir();
     let unparsed = screen_dir_report(rejecting, broken.path());
-    let mismatched = ig_adapter_new();
-    let f = [0.5f32; 2 * 384];
+    let mismatched = adapter_off_the_base();
     let mut unmatched = null_mut();
     unsafe {
-        ok(ig_adapter_add_module(
-            mismatched,
-            c("decoder.nowhere.weight").as_ptr(),
-            f.as_ptr().cast(),
-            f.as_ptr().cast(),
-            IG_DTYPE_F32,
-            2,
-            384,
-            384,
-            1.0,
-        ));
         ok(ig_gate_screen(rejecting, mismatched, &mut unmatched));
         assert_eq!(ig_report_verdict(unparsed), IG_VERDICT_REJECT);
         assert_eq!(ig_report_verdict(unmatched), IG_VERDICT_REJECT);
