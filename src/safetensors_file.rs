@@ -357,10 +357,7 @@ pub fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut File) -> std::io::Result<()>,
 ) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     let tmp = temp_sibling(path);
     let written = (|| {
         let mut f = File::create(&tmp)?;
@@ -374,6 +371,14 @@ pub fn write_atomically(
     }
     sync_dir(dir);
     Ok(())
+}
+
+/// The directory `path` is in: `.` for a bare file name.
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 /// Makes a rename into `dir` durable; not every platform can open a directory, so best effort.

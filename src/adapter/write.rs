@@ -132,10 +132,7 @@ pub fn write_peft_dir(
             dir.display()
         );
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let parent = safetensors_file::parent_dir(dir);
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let stage = safetensors_file::temp_sibling(dir);
     std::fs::create_dir(&stage).map_err(|e| Error::io(&stage, e))?;
