@@ -3,7 +3,8 @@
 use super::{Backend, Spectrum};
 use crate::bail;
 use crate::error::Result;
-use faer::{Mat, MatRef};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
 
 pub struct CpuBackend;
 
@@ -48,8 +49,18 @@ impl Backend for CpuBackend {
         }
         let b = MatRef::from_row_major_slice(basis, k, n);
         let xm = MatRef::from_row_major_slice(x, n, r);
-        let p = b * xm;
-        Ok(row_major(p.as_ref()))
+        // Sequential: modules are screened in parallel already. Computed as `(xᵀ · basisᵀ)ᵀ`,
+        // whose operands are already in the column-major layout the kernel reads.
+        let mut pt = Mat::<f32>::zeros(r, k);
+        matmul(
+            pt.as_mut(),
+            Accum::Replace,
+            xm.transpose(),
+            b.transpose(),
+            1.0,
+            Par::Seq,
+        );
+        Ok(row_major(pt.transpose()))
     }
 }
 

@@ -179,34 +179,59 @@ fn split(
     let fm = MatRef::from_row_major_slice(f, n, r);
     let bt = MatRef::from_row_major_slice(basis, rho, n);
     let mut res = Mat::<f64>::from_fn(n, r, |i, j| fm[(i, j)] as f64);
-    let f_norm = res.norm_l2();
+    let f_norm = frobenius(&res);
     // Classical Gram–Schmidt against the base vectors, repeated only when the residual is
     // small relative to the factor (then one pass leaves it measurably non-orthogonal).
+    // Sequential products: modules are screened in parallel already.
     let mut coef = m.clone();
     for pass in 0..2 {
-        let before = res.norm_l2();
+        let before = frobenius(&res);
         let coef32 = Mat::<f32>::from_fn(rho, r, |i, j| coef[(i, j)] as f32);
-        let back = bt.transpose() * coef32.as_ref();
+        let mut back = Mat::<f32>::zeros(n, r);
+        matmul(
+            back.as_mut(),
+            Accum::Replace,
+            bt.transpose(),
+            coef32.as_ref(),
+            1.0,
+            Par::Seq,
+        );
         for j in 0..r {
             for i in 0..n {
                 res[(i, j)] -= back[(i, j)] as f64;
             }
         }
-        if pass == 1 || res.norm_l2() > 0.5 * before {
+        if pass == 1 || frobenius(&res) > 0.5 * before {
             break;
         }
         let res32 = Mat::<f32>::from_fn(n, r, |i, j| res[(i, j)] as f32);
-        let c = bt * res32.as_ref();
+        let mut c = Mat::<f32>::zeros(rho, r);
+        matmul(
+            c.as_mut(),
+            Accum::Replace,
+            bt,
+            res32.as_ref(),
+            1.0,
+            Par::Seq,
+        );
         coef = Mat::<f64>::from_fn(rho, r, |i, j| c[(i, j)] as f64);
         m += &coef;
     }
-    if res.norm_l2() <= 1e-7 * f_norm {
+    if frobenius(&res) <= 1e-7 * f_norm {
         return Ok((m, Mat::zeros(n, 0), Mat::zeros(0, r)));
     }
     let qr = res.qr();
     let p = qr.compute_thin_Q();
     let rr = qr.thin_R().to_owned();
     Ok((m, p, rr))
+}
+
+/// Frobenius norm by columns with `krylov::norm` (faer's overflow-safe norm was slow here).
+fn frobenius(a: &Mat<f64>) -> f64 {
+    a.col_iter()
+        .map(|c| krylov::norm(c).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Stacks `[top; bottom]` (same column count).

@@ -24,7 +24,7 @@ pub(crate) fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
 
 /// Euclidean norm of a column. faer's `norm_l2` rescales to avoid overflow, which cost a third of
 /// the whole solve here; these columns come from f32 data, whose squares cannot overflow f64.
-fn norm(c: ColRef<'_, f64>) -> f64 {
+pub(crate) fn norm(c: ColRef<'_, f64>) -> f64 {
     c.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
