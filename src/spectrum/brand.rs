@@ -6,6 +6,7 @@
 //! are simply the first ρ entries of `x_j`.
 
 use super::krylov::{self, KrylovSettings, Operator, Triplets};
+use super::shift_invert::ShiftedGram;
 use crate::backend::{Backend, Spectrum};
 use crate::error::Result;
 use faer::linalg::matmul::matmul;
@@ -97,15 +98,63 @@ fn lift(basis: &[f32], n: usize, rho: usize, p: &Mat<f64>, c: faer::ColRef<'_, f
     out
 }
 
+/// Above this rank a shift-inverse of the core's Gram (a 2r×rows×2r product per shift) costs
+/// more than the Rayleigh–Ritz steps it saves.
+const MAX_SHIFT_INVERT_RANK: usize = 32;
+
 /// The core `K = diag(Σ0, 0) + s·L·Rᵀ`, applied without forming it.
 struct Core {
     sigma0: Vec<f64>,
     l: Mat<f64>,
     r: Mat<f64>,
     scale: f64,
+    /// `K Kᵀ` as diagonal plus low rank, when shift-inverting it is cheap (small r).
+    shifted: Option<ShiftedGram>,
 }
 
 impl Core {
+    fn new(sigma0: Vec<f64>, l: Mat<f64>, r: Mat<f64>, scale: f64) -> Core {
+        let mut core = Core {
+            sigma0,
+            l,
+            r,
+            scale,
+            shifted: None,
+        };
+        let rank = core.l.ncols();
+        if scale != 0.0 && rank <= MAX_SHIFT_INVERT_RANK {
+            core.shifted = Some(core.left_gram());
+        }
+        core
+    }
+
+    /// `K Kᵀ = D + Z·M·Zᵀ` with `D = diag(Σ0², 0)`, `Z = [Σ̃R, L]` (Σ̃ = diag(Σ0, 0), rows × cols)
+    /// and `M = [[0, sI], [sI, s²RᵀR]]`, whose inverse is `[[−RᵀR, I/s], [I/s, 0]]`.
+    fn left_gram(&self) -> ShiftedGram {
+        let (rows, rank, s) = (self.l.nrows(), self.l.ncols(), self.scale);
+        let z = Mat::from_fn(rows, 2 * rank, |i, j| {
+            match (j < rank, self.sigma0.get(i)) {
+                (true, Some(&sigma)) => sigma * self.r[(i, j)],
+                (true, None) => 0.0,
+                (false, _) => self.l[(i, j - rank)],
+            }
+        });
+        let gram_r = krylov::mul(self.r.transpose(), self.r.as_ref());
+        let m_inv = Mat::from_fn(2 * rank, 2 * rank, |i, j| match (i < rank, j < rank) {
+            (true, true) => -gram_r[(i, j)],
+            (true, false) => f64::from(u8::from(j - rank == i)) / s,
+            (false, true) => f64::from(u8::from(i - rank == j)) / s,
+            (false, false) => 0.0,
+        });
+        ShiftedGram {
+            d: self
+                .gram_diagonal()
+                .expect("the core knows its Gram diagonal"),
+            z,
+            m_inv,
+        }
+    }
+
     fn diag_plus_low_rank(
         &self,
         v: MatRef<'_, f64>,
@@ -157,6 +206,9 @@ impl Operator for Core {
         let mut d: Vec<f64> = self.sigma0.iter().map(|s| s * s).collect();
         d.resize(self.l.nrows(), 0.0);
         Some(d)
+    }
+    fn shift_invert(&self, theta: f64, rhs: MatRef<'_, f64>) -> Option<Mat<f64>> {
+        self.shifted.as_ref()?.solve(theta, rhs)
     }
 }
 
@@ -261,12 +313,12 @@ pub fn solve(
         .collect();
     let (m_b, p_b, r_b) = split(backend, &base.u, rho, out, up.b, r)?;
     let (m_a, p_a, r_a) = split(backend, &base.v, rho, inn, &at, r)?;
-    let core = Core {
-        sigma0: base.s.iter().map(|&s| s as f64).collect(),
-        l: stack(&m_b, &r_b),
-        r: stack(&m_a, &r_a),
-        scale: up.scale,
-    };
+    let core = Core::new(
+        base.s.iter().map(|&s| s as f64).collect(),
+        stack(&m_b, &r_b),
+        stack(&m_a, &r_a),
+        up.scale,
+    );
     let n_l = core.l.nrows();
     let lead = (want + 8).min(rho);
     // Cost-aware: when the start block would already cover half the core (large r relative to

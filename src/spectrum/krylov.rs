@@ -40,6 +40,11 @@ pub trait Operator {
     fn gram_diagonal(&self) -> Option<Vec<f64>> {
         None
     }
+    /// `(K Kᵀ − θI)⁻¹ · rhs`, when the operator can apply it cheaply; enables Jacobi–Davidson
+    /// steps. `None` when it cannot (or the solve broke down): the diagonal step is used instead.
+    fn shift_invert(&self, _theta: f64, _rhs: MatRef<'_, f64>) -> Option<Mat<f64>> {
+        None
+    }
 }
 
 /// Top singular triplets, descending: `x` rows×n, `y` cols×n.
@@ -141,31 +146,71 @@ pub fn top_triplets(
         }
         let room = max_dim - m;
         next = match (&diag, ritz) {
-            (Some(d), Some((rr, limit))) => davidson_block(&rr, d, limit, room),
+            (Some(d), Some((rr, limit))) => davidson_block(op, &rr, d, limit, room),
             // Krylov: G times the newest block, which `w` already holds.
             _ => w.as_ref().subcols(m0, added.min(room)).to_owned(),
         };
     }
 }
 
-/// Residuals of the unconverged Ritz pairs, each divided by `θ − diag(G)`.
-fn davidson_block(rr: &RitzPairs, diag: &[f64], limit: f64, room: usize) -> Mat<f64> {
+/// A Ritz pair whose residual is below this (relative to σ₁) is expanded by a shift-inverse
+/// step when the operator offers one. Further out, Rayleigh-quotient steps converge no faster
+/// than the diagonal ones (the Ritz value is still far from its eigenvalue) and cost a 2r×2r
+/// solve each; measured on the MiniLM fixtures, 1e-3 beat 1e-1, 1e-2 and 1e-4.
+const SHIFT_INVERT_BELOW: f64 = 1e-3;
+
+/// `d − θ`, moved out to `1e-6·θ` when closer to zero: next to a pole a correction is huge
+/// along e_i, and the direction is what counts.
+pub(crate) fn clipped_gap(d: f64, theta: f64) -> f64 {
+    let floor = 1e-6 * theta.abs().max(f64::MIN_POSITIVE);
+    let gap = d - theta;
+    if gap.abs() < floor {
+        floor.copysign(gap)
+    } else {
+        gap
+    }
+}
+
+/// One correction per unconverged Ritz pair (x, θ = σ², residual r = Gx − θx). Close to
+/// convergence, with the operator's shift-inverse P = (G − θ)⁻¹, it is the Jacobi–Davidson
+/// (Olsen) correction `P r − ε P x`, ε making it orthogonal to x: for an exact P this is the
+/// Rayleigh-quotient direction, which converges cubically. Otherwise it is the residual divided
+/// by `diag(G) − θ`.
+fn davidson_block(
+    op: &dyn Operator,
+    rr: &RitzPairs,
+    diag: &[f64],
+    limit: f64,
+    room: usize,
+) -> Mat<f64> {
     let todo: Vec<usize> = (0..rr.residual_norms.len())
         .filter(|&c| rr.residual_norms[c] > limit)
         .take(room)
         .collect();
     let n = rr.residuals.nrows();
-    Mat::from_fn(n, todo.len(), |i, c| {
-        let j = todo[c];
+    let sigma1 = rr.triplets.sigma.first().copied().unwrap_or(0.0);
+    let mut out = Mat::zeros(n, todo.len());
+    for (c, &j) in todo.iter().enumerate() {
         let theta = rr.triplets.sigma[j].powi(2);
-        let mut gap = theta - diag[i];
-        // Next to a pole the correction is huge along e_i: clip it, the direction is what counts.
-        let floor = 1e-6 * theta.max(f64::MIN_POSITIVE);
-        if gap.abs() < floor {
-            gap = floor.copysign(gap);
+        let (x, r) = (rr.triplets.x.col(j), rr.residuals.col(j));
+        if rr.residual_norms[j] <= SHIFT_INVERT_BELOW * sigma1 {
+            let rhs = Mat::from_fn(n, 2, |i, k| if k == 0 { r[i] } else { x[i] });
+            if let Some(p) = op.shift_invert(theta, rhs.as_ref()) {
+                let (pr, px) = (p.col(0), p.col(1));
+                let eps = (x.transpose() * pr) / (x.transpose() * px);
+                if eps.is_finite() {
+                    for i in 0..n {
+                        out[(i, c)] = pr[i] - eps * px[i];
+                    }
+                    continue;
+                }
+            }
         }
-        rr.residuals[(i, j)] / gap
-    })
+        for i in 0..n {
+            out[(i, c)] = r[i] / clipped_gap(diag[i], theta);
+        }
+    }
+    out
 }
 
 /// Ritz triplets and, per triplet, the residual `G x − σ² x` and `‖K y − σ x‖`.

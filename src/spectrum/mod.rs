@@ -4,4 +4,5 @@ pub mod brand;
 pub mod cache;
 pub mod dense;
 pub mod krylov;
+mod shift_invert;
 mod small_eigen;
