@@ -9,6 +9,8 @@
 //! knows the diagonal of `G` — by Davidson steps: each unconverged Ritz pair's residual divided
 //! by `θ − diag(G)`. For the Brand core `G` is diagonal plus low rank, so that preconditioner is
 //! exact up to the low-rank part and a handful of steps converge where Krylov needs dozens.
+//! When the operator can also shift-invert `G` (the Brand core for r ≤ 32), pairs that are
+//! already close take a Jacobi–Davidson step instead, which converges cubically.
 
 use super::small_eigen::top_eigenpairs;
 use faer::linalg::matmul::matmul;
@@ -146,11 +148,47 @@ pub fn top_triplets(
         }
         let room = max_dim - m;
         next = match (&diag, ritz) {
-            (Some(d), Some((rr, limit))) => davidson_block(op, &rr, d, limit, room),
+            (Some(d), Some((rr, limit))) => {
+                let c = davidson_block(op, &rr, d, limit, room);
+                if c.all_jacobi_davidson {
+                    if let Some(done) = polish(op, &rr, &c, s.tol) {
+                        return Some(done);
+                    }
+                }
+                c.block
+            }
             // Krylov: G times the newest block, which `w` already holds.
             _ => w.as_ref().subcols(m0, added.min(room)).to_owned(),
         };
     }
+}
+
+/// When every unconverged pair took a Jacobi–Davidson step, `x − correction` is its
+/// Rayleigh-quotient iterate and usually converged already: a Rayleigh–Ritz on just those
+/// vectors (instead of on the whole basis grown by the corrections) confirms it with the same
+/// residual test, and saves the largest Rayleigh–Ritz of the solve. `None` when they do not
+/// pass; the caller then grows the basis as usual.
+fn polish(op: &dyn Operator, rr: &RitzPairs, c: &Corrections, tol: f64) -> Option<Triplets> {
+    let (n, take) = rr.triplets.x.shape();
+    let mut candidates = rr.triplets.x.clone();
+    for (col, &j) in c.pairs.iter().enumerate() {
+        for i in 0..n {
+            candidates[(i, j)] -= c.block[(i, col)];
+        }
+    }
+    let mut q = Mat::zeros(n, take);
+    if orthonormalize_into(q.as_mut(), 0, candidates.as_ref()) < take {
+        return None;
+    }
+    let mut z = Mat::zeros(op.cols(), take);
+    op.apply_t(q.as_ref(), z.as_mut());
+    let mut w = Mat::zeros(n, take);
+    op.apply(z.as_ref(), w.as_mut());
+    let t = mul(z.transpose(), z.as_ref());
+    let polished = rayleigh_ritz(&q, &z, &w, &t, take, take);
+    let limit = tol * polished.triplets.sigma.first().copied().unwrap_or(0.0);
+    let converged = polished.residual_norms.iter().all(|&r| r <= limit);
+    converged.then_some(polished.triplets)
 }
 
 /// A Ritz pair whose residual is below this (relative to σ₁) is expanded by a shift-inverse
@@ -182,11 +220,12 @@ fn davidson_block(
     diag: &[f64],
     limit: f64,
     room: usize,
-) -> Mat<f64> {
-    let todo: Vec<usize> = (0..rr.residual_norms.len())
+) -> Corrections {
+    let unconverged: Vec<usize> = (0..rr.residual_norms.len())
         .filter(|&c| rr.residual_norms[c] > limit)
-        .take(room)
         .collect();
+    let mut all_jacobi_davidson = unconverged.len() <= room;
+    let todo: Vec<usize> = unconverged.into_iter().take(room).collect();
     let n = rr.residuals.nrows();
     let sigma1 = rr.triplets.sigma.first().copied().unwrap_or(0.0);
     let mut out = Mat::zeros(n, todo.len());
@@ -206,11 +245,24 @@ fn davidson_block(
                 }
             }
         }
+        all_jacobi_davidson = false;
         for i in 0..n {
             out[(i, c)] = r[i] / clipped_gap(diag[i], theta);
         }
     }
-    out
+    Corrections {
+        block: out,
+        pairs: todo,
+        all_jacobi_davidson,
+    }
+}
+
+/// One correction per unconverged Ritz pair: column c of `block` belongs to pair `pairs[c]`.
+struct Corrections {
+    block: Mat<f64>,
+    pairs: Vec<usize>,
+    /// Every pair got a Jacobi–Davidson correction (and none was left out for lack of room).
+    all_jacobi_davidson: bool,
 }
 
 /// Ritz triplets and, per triplet, the residual `G x − σ² x` and `‖K y − σ x‖`.

@@ -3,8 +3,9 @@
 //!
 //! The Brand core's left Gram has this form with `Z` only 2r columns wide, so one shift costs a
 //! 2r×n×2r product and a 2r×2r solve. `krylov` uses it for Rayleigh-quotient (Jacobi–Davidson)
-//! expansion steps, which converge in one or two steps where the diagonal preconditioner alone
-//! needs four or five, each paying a Rayleigh–Ritz solve on a growing basis.
+//! expansion steps once a Ritz pair is close: one such step takes a residual of ~1e-4·σ₁ below
+//! the 1e-9 tolerance, where diagonal steps need two or three more, each paying a Rayleigh–Ritz
+//! solve on a growing basis.
 
 use super::krylov::{clipped_gap, mul};
 use faer::linalg::matmul::matmul;
