@@ -147,12 +147,17 @@ impl Core {
             (false, false) => 0.0,
         });
         ShiftedGram {
-            d: self
-                .gram_diagonal()
-                .expect("the core knows its Gram diagonal"),
+            d: self.squared_diagonal(),
             z,
             m_inv,
         }
+    }
+
+    /// `diag(Σ0², 0)`, rows long: the diagonal part of `K Kᵀ`.
+    fn squared_diagonal(&self) -> Vec<f64> {
+        let mut d: Vec<f64> = self.sigma0.iter().map(|s| s * s).collect();
+        d.resize(self.l.nrows(), 0.0);
+        d
     }
 
     fn diag_plus_low_rank(
@@ -203,9 +208,7 @@ impl Operator for Core {
     }
     /// `K Kᵀ = diag(Σ0², 0) + low rank`.
     fn gram_diagonal(&self) -> Option<Vec<f64>> {
-        let mut d: Vec<f64> = self.sigma0.iter().map(|s| s * s).collect();
-        d.resize(self.l.nrows(), 0.0);
-        Some(d)
+        Some(self.squared_diagonal())
     }
     fn shift_invert(&self, theta: f64, rhs: MatRef<'_, f64>) -> Option<Mat<f64>> {
         self.shifted.as_ref()?.solve(theta, rhs)
