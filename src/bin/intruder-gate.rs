@@ -74,7 +74,7 @@ struct BenchArgs {
     /// Also bench one synthetic Llama-7B layer (q,k,v,o 4096², gate/up 11008×4096, down 4096×11008) at these ranks.
     #[arg(long, value_delimiter = ',')]
     llama_ranks: Vec<usize>,
-    /// Repetitions of the Brand runs (medians are reported).
+    /// Repetitions of the Brand runs: one cold and five warm screenings each (medians are reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Repetitions of the dense method.
