@@ -166,8 +166,11 @@ pub fn top_triplets(
 /// When every unconverged pair took a Jacobi–Davidson step, `x − correction` is its
 /// Rayleigh-quotient iterate and usually converged already: a Rayleigh–Ritz on just those
 /// vectors (instead of on the whole basis grown by the corrections) confirms it with the same
-/// residual test, and saves the largest Rayleigh–Ritz of the solve. `None` when they do not
-/// pass; the caller then grows the basis as usual.
+/// residual test, and saves the largest Rayleigh–Ritz of the solve. Each polished σ² must also
+/// stay within twice its Ritz value's residual bound (`|λ − θ| ≤ ‖Gx − θx‖` holds for some
+/// eigenvalue λ of the symmetric G): an iterate that jumped to an eigenpair outside the wanted
+/// set cannot pass for one inside it. `None` when any check fails; the caller then grows the
+/// basis as usual.
 fn polish(op: &dyn Operator, rr: &RitzPairs, c: &Corrections, tol: f64) -> Option<Triplets> {
     let (n, take) = rr.triplets.x.shape();
     let mut candidates = rr.triplets.x.clone();
@@ -188,7 +191,13 @@ fn polish(op: &dyn Operator, rr: &RitzPairs, c: &Corrections, tol: f64) -> Optio
     let polished = rayleigh_ritz(&q, &z, &w, &t, take, take);
     let limit = tol * polished.triplets.sigma.first().copied().unwrap_or(0.0);
     let converged = polished.residual_norms.iter().all(|&r| r <= limit);
-    converged.then_some(polished.triplets)
+    // ‖Gx − θx‖ = ‖K y − σ x‖·σ for the Ritz pair before polishing.
+    let stayed = (0..take).all(|j| {
+        let (before, after) = (rr.triplets.sigma[j], polished.triplets.sigma[j]);
+        (after * after - before * before).abs()
+            <= 2.0 * rr.residual_norms[j] * before + limit * after
+    });
+    (converged && stayed).then_some(polished.triplets)
 }
 
 /// A Ritz pair whose residual is below this (relative to σ₁) is expanded by a shift-inverse
