@@ -151,7 +151,7 @@ pub fn top_triplets(
             (Some(d), Some((rr, limit))) => {
                 let c = davidson_block(op, &rr, d, limit, room);
                 if c.all_jacobi_davidson {
-                    if let Some(done) = polish(op, &rr, &c, s.tol) {
+                    if let Some(done) = polish(op, &rr, &c, d, s.tol) {
                         return Some(done);
                     }
                 }
@@ -166,39 +166,69 @@ pub fn top_triplets(
 /// When every unconverged pair took a Jacobi–Davidson step, `x − correction` is its
 /// Rayleigh-quotient iterate and usually converged already: a Rayleigh–Ritz on just those
 /// vectors (instead of on the whole basis grown by the corrections) confirms it with the same
-/// residual test, and saves the largest Rayleigh–Ritz of the solve. Each polished σ² must also
-/// stay within twice its Ritz value's residual bound (`|λ − θ| ≤ ‖Gx − θx‖` holds for some
-/// eigenvalue λ of the symmetric G): an iterate that jumped to an eigenpair outside the wanted
-/// set cannot pass for one inside it. `None` when any check fails; the caller then grows the
-/// basis as usual.
-fn polish(op: &dyn Operator, rr: &RitzPairs, c: &Corrections, tol: f64) -> Option<Triplets> {
+/// residual test, and saves the largest Rayleigh–Ritz of the solve. A pair still short of the
+/// test takes another Jacobi–Davidson step from its polished value, up to `POLISH_ROUNDS` times.
+/// Each polished σ² must also stay within twice its first Ritz value's residual bound
+/// (`|λ − θ| ≤ ‖Gx − θx‖` holds for some eigenvalue λ of the symmetric G): an iterate that
+/// jumped to an eigenpair outside the wanted set cannot pass for one inside it. `None` when any
+/// check fails; the caller then grows the basis as usual.
+fn polish(
+    op: &dyn Operator,
+    rr: &RitzPairs,
+    first: &Corrections,
+    diag: &[f64],
+    tol: f64,
+) -> Option<Triplets> {
     let (n, take) = rr.triplets.x.shape();
-    let mut candidates = rr.triplets.x.clone();
-    for (col, &j) in c.pairs.iter().enumerate() {
-        for i in 0..n {
-            candidates[(i, j)] -= c.block[(i, col)];
+    let mut from = rr.triplets.x.clone();
+    let mut c = None;
+    let mut round = 1;
+    loop {
+        let step = c.as_ref().unwrap_or(first);
+        for (col, &j) in step.pairs.iter().enumerate() {
+            for i in 0..n {
+                from[(i, j)] -= step.block[(i, col)];
+            }
         }
+        let mut q = Mat::zeros(n, take);
+        if orthonormalize_into(q.as_mut(), 0, from.as_ref()) < take {
+            return None;
+        }
+        let mut z = Mat::zeros(op.cols(), take);
+        op.apply_t(q.as_ref(), z.as_mut());
+        let mut w = Mat::zeros(n, take);
+        op.apply(z.as_ref(), w.as_mut());
+        let t = mul(z.transpose(), z.as_ref());
+        let polished = rayleigh_ritz(&q, &z, &w, &t, take, take);
+        let limit = tol * polished.triplets.sigma.first().copied().unwrap_or(0.0);
+        // ‖Gx − θx‖ = ‖K y − σ x‖·σ for the Ritz pair before polishing.
+        let stayed = (0..take).all(|j| {
+            let (before, after) = (rr.triplets.sigma[j], polished.triplets.sigma[j]);
+            (after * after - before * before).abs()
+                <= 2.0 * rr.residual_norms[j] * before + limit * after
+        });
+        if !stayed {
+            return None;
+        }
+        if polished.residual_norms.iter().all(|&r| r <= limit) {
+            return Some(polished.triplets);
+        }
+        if round == POLISH_ROUNDS {
+            return None;
+        }
+        round += 1;
+        let next = davidson_block(op, &polished, diag, limit, take);
+        if !next.all_jacobi_davidson {
+            return None;
+        }
+        from = polished.triplets.x;
+        c = Some(next);
     }
-    let mut q = Mat::zeros(n, take);
-    if orthonormalize_into(q.as_mut(), 0, candidates.as_ref()) < take {
-        return None;
-    }
-    let mut z = Mat::zeros(op.cols(), take);
-    op.apply_t(q.as_ref(), z.as_mut());
-    let mut w = Mat::zeros(n, take);
-    op.apply(z.as_ref(), w.as_mut());
-    let t = mul(z.transpose(), z.as_ref());
-    let polished = rayleigh_ritz(&q, &z, &w, &t, take, take);
-    let limit = tol * polished.triplets.sigma.first().copied().unwrap_or(0.0);
-    let converged = polished.residual_norms.iter().all(|&r| r <= limit);
-    // ‖Gx − θx‖ = ‖K y − σ x‖·σ for the Ritz pair before polishing.
-    let stayed = (0..take).all(|j| {
-        let (before, after) = (rr.triplets.sigma[j], polished.triplets.sigma[j]);
-        (after * after - before * before).abs()
-            <= 2.0 * rr.residual_norms[j] * before + limit * after
-    });
-    (converged && stayed).then_some(polished.triplets)
 }
+
+/// Jacobi–Davidson rounds on the polished pairs before the basis grows instead: each is cheap
+/// (take vectors), and one more usually finishes a pair that the first left just short.
+const POLISH_ROUNDS: usize = 3;
 
 /// A Ritz pair whose residual is below this (relative to σ₁) is expanded by a shift-inverse
 /// step when the operator offers one. Further out, Rayleigh-quotient steps converge no faster
@@ -321,22 +351,27 @@ fn rayleigh_ritz(
 }
 
 /// Orthonormalises `new` against the first `m` columns of `q` and among itself, appending what
-/// survives after column `m`; returns how many columns were added. Two block Gram–Schmidt
-/// passes against the existing basis (matrix products), then each column against the ones added
-/// before it, repeated until a pass no longer shrinks it by half (Daniel–Gragg–Kaufman–Stewart):
-/// even a column that lies almost inside the span comes out orthogonal to working precision,
-/// and one that keeps shrinking is inside the span and dropped.
+/// survives after column `m`; returns how many columns were added. Usually a block method
+/// (`block_orthonormalize`) does it with matrix products. When that cannot vouch for the result
+/// (a column close to dependent), two block Gram–Schmidt passes against the existing basis, then
+/// each column against the ones added before it, repeated until a pass no longer shrinks it by
+/// half (Daniel–Gragg–Kaufman–Stewart): even a column that lies almost inside the span comes out
+/// orthogonal to working precision, and one that keeps shrinking is inside the span and dropped.
 fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -> usize {
-    let mut v = new.to_owned();
-    let norms0: Vec<f64> = (0..v.ncols()).map(|j| norm(v.col(j))).collect();
-    if m > 0 {
-        for _ in 0..2 {
-            let basis = q.as_ref().subcols(0, m);
-            let coef = mul(basis.transpose(), v.as_ref());
-            matmul(v.as_mut(), Accum::Add, basis, coef.as_ref(), -1.0, Par::Seq);
+    let norms0: Vec<f64> = (0..new.ncols()).map(|j| norm(new.col(j))).collect();
+    let cap = q.ncols() - m;
+    if new.ncols() <= cap {
+        if let Some(block) = block_orthonormalize(q.as_ref().subcols(0, m), new, &norms0) {
+            q.subcols_mut(m, new.ncols()).copy_from(&block);
+            return new.ncols();
         }
     }
-    let cap = q.ncols() - m;
+    let mut v = new.to_owned();
+    if m > 0 {
+        for _ in 0..2 {
+            project_out(q.as_ref().subcols(0, m), v.as_mut());
+        }
+    }
     let mut added = 0;
     for (j, &norm0) in norms0.iter().enumerate() {
         if added == cap {
@@ -383,6 +418,77 @@ fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -
         added += 1;
     }
     added
+}
+
+/// `v −= basis · (basisᵀ v)`: one block Gram–Schmidt pass.
+fn project_out(basis: MatRef<'_, f64>, v: MatMut<'_, f64>) {
+    let coef = mul(basis.transpose(), v.as_ref());
+    matmul(v, Accum::Add, basis, coef.as_ref(), -1.0, Par::Seq);
+}
+
+/// `new` orthonormalised against the orthonormal `basis` and among itself by two rounds of a
+/// block Gram–Schmidt pass followed by a Cholesky QR pass (`VᵀV = LLᵀ`, `V ← V L⁻ᵀ`): a few
+/// matrix products instead of a loop over columns. The second projection removes what the first
+/// Cholesky pass amplified of the basis components. `None` when this could cost accuracy: when a
+/// column is close to dependent (less than `1e-4` of its norm `norms0` lies outside the span of
+/// the basis and the columns before it), or when the first round left the columns measurably
+/// non-orthogonal (the second Cholesky factor is not within `1e-6` of `I`).
+fn block_orthonormalize(
+    basis: MatRef<'_, f64>,
+    new: MatRef<'_, f64>,
+    norms0: &[f64],
+) -> Option<Mat<f64>> {
+    let mut v = new.to_owned();
+    for round in 0..2 {
+        if basis.ncols() > 0 {
+            project_out(basis, v.as_mut());
+        }
+        let l = cholesky(mul(v.transpose(), v.as_ref()))?;
+        let b = l.nrows();
+        let acceptable = if round == 0 {
+            (0..b).all(|j| l[(j, j)] > 1e-4 * norms0[j])
+        } else {
+            (0..b).all(|j| (0..=j).all(|i| (l[(j, i)] - f64::from(u8::from(i == j))).abs() <= 1e-6))
+        };
+        if !acceptable {
+            return None;
+        }
+        // V Lᵀ⁻¹, solved as L Xᵀ = Vᵀ.
+        faer::linalg::triangular_solve::solve_lower_triangular_in_place(
+            l.as_ref(),
+            v.as_mut().transpose_mut(),
+            Par::Seq,
+        );
+    }
+    Some(v)
+}
+
+/// The lower Cholesky factor of a small symmetric positive definite matrix (unblocked: tens of
+/// rows); `None` when a pivot is not positive.
+fn cholesky(mut a: Mat<f64>) -> Option<Mat<f64>> {
+    let n = a.nrows();
+    for j in 0..n {
+        let mut d = a[(j, j)];
+        for k in 0..j {
+            d -= a[(j, k)] * a[(j, k)];
+        }
+        if d.is_nan() || d <= 0.0 {
+            return None;
+        }
+        let d = d.sqrt();
+        a[(j, j)] = d;
+        for i in j + 1..n {
+            let mut s = a[(i, j)];
+            for k in 0..j {
+                s -= a[(i, k)] * a[(j, k)];
+            }
+            a[(i, j)] = s / d;
+        }
+        for i in 0..j {
+            a[(i, j)] = 0.0;
+        }
+    }
+    Some(a)
 }
 
 /// A deterministic pseudo-random start block (splitmix64), so both runs and backends agree.
@@ -453,6 +559,49 @@ mod tests {
             assert!((got.sigma[j] - 5.0).abs() < 1e-10);
         }
         assert!(got.sigma[3] < 1.0);
+    }
+
+    /// ‖QᵀQ − I‖_max over the first `k` columns.
+    fn orthogonality_error(q: &Mat<f64>, k: usize) -> f64 {
+        let g = mul(
+            q.as_ref().subcols(0, k).transpose(),
+            q.as_ref().subcols(0, k),
+        );
+        let mut worst = 0.0f64;
+        for i in 0..k {
+            for j in 0..k {
+                worst = worst.max((g[(i, j)] - f64::from(u8::from(i == j))).abs());
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn orthonormalizes_blocks_and_drops_dependent_columns() {
+        let n = 50;
+        let mut q = Mat::<f64>::zeros(n, 12);
+        let first = Mat::<f64>::from_fn(n, 4, |i, j| ((i * 13 + j * 7) % 11) as f64 - 5.0);
+        assert_eq!(orthonormalize_into(q.as_mut(), 0, first.as_ref()), 4);
+        // Nearly parallel columns (condition number ~1e3, where one Cholesky QR pass leaves them
+        // ~1e-10 from orthogonal): every one is kept, and the span is unchanged.
+        let block = Mat::<f64>::from_fn(n, 5, |i, j| {
+            ((i * 3 % 7) as f64 - 3.0) + 1e-3 * (((i * 31 + j * 17) % 23) as f64 - 11.0)
+        });
+        assert_eq!(orthonormalize_into(q.as_mut(), 4, block.as_ref()), 5);
+        assert!(
+            orthogonality_error(&q, 9) < 1e-14,
+            "{:e}",
+            orthogonality_error(&q, 9)
+        );
+        let basis = q.as_ref().subcols(0, 9);
+        let outside = &block - basis * (basis.transpose() * &block);
+        assert!(outside.norm_max() < 1e-12 * block.norm_max());
+        // A column inside the span already there, and one nearly inside: the first is dropped,
+        // the second kept and made orthogonal to working precision.
+        let mut dependent = Mat::<f64>::from_fn(n, 2, |i, j| q[(i, j)] + q[(i, 5 + j)]);
+        dependent[(7, 1)] += 1e-9;
+        assert_eq!(orthonormalize_into(q.as_mut(), 9, dependent.as_ref()), 1);
+        assert!(orthogonality_error(&q, 10) < 1e-14);
     }
 
     #[test]
