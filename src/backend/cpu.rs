@@ -50,7 +50,8 @@ impl Backend for CpuBackend {
         let b = MatRef::from_row_major_slice(basis, k, n);
         let xm = MatRef::from_row_major_slice(x, n, r);
         // Sequential: modules are screened in parallel already. Computed as `(xᵀ · basisᵀ)ᵀ`,
-        // whose operands are already in the column-major layout the kernel reads.
+        // whose operands are already in the column-major layout the kernel reads, and whose
+        // columns are the rows of the row-major result.
         let mut pt = Mat::<f32>::zeros(r, k);
         matmul(
             pt.as_mut(),
@@ -60,7 +61,11 @@ impl Backend for CpuBackend {
             1.0,
             Par::Seq,
         );
-        Ok(row_major(pt.transpose()))
+        let mut out = Vec::with_capacity(k * r);
+        for i in 0..k {
+            out.extend_from_slice(pt.col_as_slice(i));
+        }
+        Ok(out)
     }
 }
 
@@ -92,11 +97,4 @@ fn svd_to_spectrum<T: faer::traits::RealField + Copy>(
         s: (0..rho).map(|i| to_f32(s[i])).collect(),
         v: v_rows,
     })
-}
-
-/// Copies a faer matrix into a row-major Vec.
-pub fn row_major<T: Copy>(m: MatRef<'_, T>) -> Vec<T> {
-    (0..m.nrows())
-        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
-        .collect()
 }

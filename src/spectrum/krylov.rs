@@ -27,7 +27,27 @@ pub(crate) fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
 /// Euclidean norm of a column. faer's `norm_l2` rescales to avoid overflow, which cost a third of
 /// the whole solve here; these columns come from f32 data, whose squares cannot overflow f64.
 pub(crate) fn norm(c: ColRef<'_, f64>) -> f64 {
-    c.iter().map(|x| x * x).sum::<f64>().sqrt()
+    match c.try_as_col_major() {
+        Some(c) => dot(c.as_slice(), c.as_slice()).sqrt(),
+        None => c.iter().map(|x| x * x).sum::<f64>().sqrt(),
+    }
+}
+
+/// `Σ aᵢbᵢ` with four independent partial sums: a plain sum is one serial chain of additions,
+/// which the compiler may not reorder, and at these lengths (tens to hundreds) its latency is the
+/// cost of the Rayleigh–Ritz and Householder loops that call it.
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a4, b4) = (a[..n].chunks_exact(4), b[..n].chunks_exact(4));
+    let (ta, tb) = (a4.remainder(), b4.remainder());
+    let mut acc = [0.0; 4];
+    for (x, y) in a4.zip(b4) {
+        for k in 0..4 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f64 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
 /// A linear operator from `R^cols` to `R^rows`, applied to blocks of column vectors.

@@ -7,6 +7,7 @@
 //! screening. Only the top few pairs are ever used, and computing just those is a few times
 //! cheaper. This is the classic EISPACK / LAPACK route (tred, tql1, dstein, dormtr), unblocked.
 
+use super::krylov::dot;
 use faer::{Mat, MatRef};
 
 /// The `take` largest eigenvalues of the symmetric `a` (descending) and their orthonormal
@@ -69,7 +70,7 @@ fn tridiagonalize(h: &mut [f64], m: usize) -> (Vec<f64>, Vec<f64>, Vec<Reflector
         let s = k + 1;
         let x: Vec<f64> = (s..m).map(|i| h[i * m + k]).collect();
         let alpha = x[0];
-        let tail: f64 = x[1..].iter().map(|v| v * v).sum();
+        let tail = dot(&x[1..], &x[1..]);
         if tail == 0.0 {
             e[k] = alpha;
             continue;
@@ -89,9 +90,9 @@ fn tridiagonalize(h: &mut [f64], m: usize) -> (Vec<f64>, Vec<f64>, Vec<Reflector
         let n = m - s;
         for (i, pi) in p[..n].iter_mut().enumerate() {
             let row = &h[(s + i) * m + s..(s + i) * m + m];
-            *pi = beta * row.iter().zip(&v).map(|(a, b)| a * b).sum::<f64>();
+            *pi = beta * dot(row, &v);
         }
-        let pv: f64 = p[..n].iter().zip(&v).map(|(a, b)| a * b).sum();
+        let pv = dot(&p[..n], &v);
         let half = 0.5 * beta * pv;
         for (pi, vi) in p[..n].iter_mut().zip(&v) {
             *pi -= half * vi;
@@ -207,12 +208,12 @@ fn inverse_iteration(
 /// garbage) when nothing finite and nonzero is left.
 fn orthonormalize(y: &mut [f64], cluster: &[&Vec<f64>]) -> bool {
     for c in cluster {
-        let dot: f64 = y.iter().zip(c.iter()).map(|(a, b)| a * b).sum();
+        let yc = dot(y, c);
         for (yi, ci) in y.iter_mut().zip(c.iter()) {
-            *yi -= dot * ci;
+            *yi -= yc * ci;
         }
     }
-    let n = y.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let n = dot(y, y).sqrt();
     if n == 0.0 || !n.is_finite() {
         return false;
     }
@@ -225,7 +226,9 @@ fn orthonormalize(y: &mut [f64], cluster: &[&Vec<f64>]) -> bool {
 /// `T − λI = P L U` for a tridiagonal `T`, with partial pivoting (LAPACK dlagtf): `U` has two
 /// superdiagonals. Zero pivots are replaced by `tiny`, as inverse iteration wants.
 struct TridiagonalLu {
-    u0: Vec<f64>,
+    /// Reciprocals of U's diagonal: the back substitution is a serial chain, and a multiply
+    /// there is several times shorter than a divide.
+    inv_u0: Vec<f64>,
     u1: Vec<f64>,
     u2: Vec<f64>,
     l: Vec<f64>,
@@ -268,7 +271,7 @@ impl TridiagonalLu {
             u0[m - 1] = tiny;
         }
         TridiagonalLu {
-            u0,
+            inv_u0: u0.iter().map(|x| 1.0 / x).collect(),
             u1,
             u2,
             l,
@@ -293,7 +296,7 @@ impl TridiagonalLu {
             if i + 2 < m {
                 s -= self.u2[i] * y[i + 2];
             }
-            y[i] = s / self.u0[i];
+            y[i] = s * self.inv_u0[i];
         }
     }
 }
@@ -304,8 +307,7 @@ fn apply_reflectors(reflectors: &[Reflector], y: &[f64], m: usize) -> Vec<f64> {
     debug_assert_eq!(x.len(), m);
     for r in reflectors.iter().rev() {
         let part = &mut x[r.start..];
-        let dot: f64 = part.iter().zip(&r.v).map(|(a, b)| a * b).sum();
-        let f = r.beta * dot;
+        let f = r.beta * dot(part, &r.v);
         for (xi, vi) in part.iter_mut().zip(&r.v) {
             *xi -= f * vi;
         }
