@@ -146,11 +146,7 @@ impl Core {
             (false, true) => f64::from(u8::from(i - rank == j)) / s,
             (false, false) => 0.0,
         });
-        ShiftedGram {
-            d: self.squared_diagonal(),
-            z,
-            m_inv,
-        }
+        ShiftedGram::new(self.squared_diagonal(), z, m_inv)
     }
 
     /// `diag(Σ0², 0)`, rows long: the diagonal part of `K Kᵀ`.

@@ -13,14 +13,21 @@ use faer::{Accum, Mat, MatRef, Par};
 
 pub struct ShiftedGram {
     /// The diagonal `D`.
-    pub d: Vec<f64>,
+    d: Vec<f64>,
     /// n×p.
-    pub z: Mat<f64>,
+    z: Mat<f64>,
+    /// `Zᵀ` stored column-major: the capacitance product reads it faster than a transposed view.
+    zt: Mat<f64>,
     /// `M⁻¹`, p×p.
-    pub m_inv: Mat<f64>,
+    m_inv: Mat<f64>,
 }
 
 impl ShiftedGram {
+    pub fn new(d: Vec<f64>, z: Mat<f64>, m_inv: Mat<f64>) -> ShiftedGram {
+        let zt = z.transpose().to_owned();
+        ShiftedGram { d, z, zt, m_inv }
+    }
+
     /// `(G − θI)⁻¹ · rhs`, or `None` when `θ` is (numerically) an eigenvalue of `G` and the
     /// solve breaks down. Entries of `D − θ` closer to zero than `1e-6·θ` are moved out to that
     /// distance (`clipped_gap`), as for the diagonal Davidson step: the solve then belongs to a
@@ -37,12 +44,12 @@ impl ShiftedGram {
         matmul(
             capacitance.as_mut(),
             Accum::Add,
-            self.z.transpose(),
+            self.zt.as_ref(),
             ez.as_ref(),
             1.0,
             Par::Seq,
         );
-        let inner = solve_dense(capacitance, mul(self.z.transpose(), eb.as_ref()))?;
+        let inner = solve_dense(capacitance, mul(self.zt.as_ref(), eb.as_ref()))?;
         let mut out = eb;
         matmul(
             out.as_mut(),
@@ -144,11 +151,7 @@ mod tests {
             }
             g
         };
-        let shifted = ShiftedGram {
-            d,
-            z,
-            m_inv: m.partial_piv_lu().inverse(),
-        };
+        let shifted = ShiftedGram::new(d, z, m.partial_piv_lu().inverse());
         let b = filled(n, 2, 3);
         for theta in [0.37, 2.5, -0.1] {
             let t = shifted.solve(theta, b.as_ref()).expect("nonsingular shift");
