@@ -101,6 +101,13 @@ impl<'a> TensorRef<'a> {
     pub fn to_f32(&self) -> Vec<f32> {
         let b = self.bytes;
         match self.dtype {
+            // A plain copy on little-endian machines (the data need not be 4-byte aligned).
+            DType::F32 if cfg!(target_endian = "little") => {
+                let n = b.len() / 4;
+                let mut out = vec![0f32; n];
+                bytemuck::cast_slice_mut(&mut out).copy_from_slice(&b[..n * 4]);
+                out
+            }
             DType::F32 => b
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
