@@ -101,11 +101,17 @@ impl<'a> TensorRef<'a> {
     pub fn to_f32(&self) -> Vec<f32> {
         let b = self.bytes;
         match self.dtype {
-            // A plain copy on little-endian machines (the data need not be 4-byte aligned).
+            // A plain copy on little-endian machines (the data need not be 4-byte aligned), into
+            // memory that is not zeroed first: cached spectra are megabytes per screening.
             DType::F32 if cfg!(target_endian = "little") => {
                 let n = b.len() / 4;
-                let mut out = vec![0f32; n];
-                bytemuck::cast_slice_mut(&mut out).copy_from_slice(&b[..n * 4]);
+                let mut out = Vec::<f32>::with_capacity(n);
+                // SAFETY: `out` has room for n f32 (4n bytes), `b` holds at least 4n bytes, the
+                // two do not overlap, and every bit pattern is a valid f32.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(b.as_ptr(), out.as_mut_ptr().cast::<u8>(), n * 4);
+                    out.set_len(n);
+                }
                 out
             }
             DType::F32 => b
