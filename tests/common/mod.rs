@@ -32,12 +32,12 @@ pub fn minilm_base() -> PathBuf {
     .clone()
 }
 
-/// `../shared/fixtures/minilm` beside the checkout, or `$INTRUDER_GATE_FIXTURES`.
+/// The MiniLM fixtures committed under `tests/fixtures/minilm`, or `$INTRUDER_GATE_FIXTURES`.
 pub fn fixtures() -> PathBuf {
     if let Ok(p) = std::env::var("INTRUDER_GATE_FIXTURES") {
         return PathBuf::from(p);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/minilm")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm")
 }
 
 pub const FIXTURES: [&str; 3] = ["lora_r2", "lora_r16_qv", "rslora_r16"];
