@@ -183,6 +183,13 @@ class SnapshotStore:
                 self._held[digest] = fd
         os.utime(lock)
 
+    def close(self) -> None:
+        """Releases every snapshot this store holds (they become prunable)."""
+        with self._mutex:
+            for fd in self._held.values():
+                os.close(fd)
+            self._held.clear()
+
     def prune(self) -> None:
         entries = []
         total = 0
@@ -277,7 +284,11 @@ class WorkerGate:
         settings = self.settings
         audit = settings.mode == "audit"
 
+        snap: Path | None = None
+
         def refuse(reason: str) -> None:
+            if snap is not None:  # name the files the client gave, not their snapshot
+                reason = reason.replace(str(snap), lora_path)
             message = f"{REJECTION_PREFIX}'{name}': {reason}"
             if audit:
                 logger.warning("%s (audit mode: loading it anyway)", message)
