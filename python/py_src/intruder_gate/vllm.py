@@ -183,6 +183,12 @@ class SnapshotStore:
                 self._held[digest] = fd
         os.utime(lock)
 
+    def release(self, digest: str) -> None:
+        with self._mutex:
+            fd = self._held.pop(digest, None)
+        if fd is not None:
+            os.close(fd)
+
     def close(self) -> None:
         """Releases every snapshot this store holds (they become prunable)."""
         with self._mutex:
@@ -294,6 +300,8 @@ class WorkerGate:
                 logger.warning("%s (audit mode: loading it anyway)", message)
                 return
             logger.error("%s", message)
+            if snap is not None:
+                self.store.release(digest)  # nothing serves from it: prunable
             raise AdapterRejected(message)
 
         missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(lora_path, f))]
@@ -323,9 +331,10 @@ class WorkerGate:
             gate = self.gate_for(base)
             report = gate.screen_adapter(str(snap))
         except ig.IntruderGateError as e:
-            self.write_metrics()
             refuse(f"screening failed: {e}")
             return _Prepared(str(snap), digest, "error")
+        finally:
+            self.write_metrics()  # before any refusal, so /metrics counts it at once
         elapsed = time.perf_counter() - started
         verdict = report.verdict
         if report.error:
@@ -336,7 +345,6 @@ class WorkerGate:
         path = str(snap)
         if verdict == "clamp" and not audit:
             path = self._clamp(gate, report, snap, manager.lora_config.max_lora_rank, name)
-        self.write_metrics()
         if (digest, verdict) not in self._logged:
             self._logged.add((digest, verdict))
             logger.info(

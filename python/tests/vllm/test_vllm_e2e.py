@@ -237,9 +237,11 @@ def test_good_adapter_is_served_unchanged(servers, fx):
 )
 def test_invalid_adapter_is_rejected_and_server_keeps_serving(servers, fx, adapter, needles):
     gated = servers["gated"]
+    rejects = screenings_on_metrics(gated).get("reject", 0)
     status, text, _ = gated.load(adapter, fx[adapter])
     assert_rejected(status, text, adapter, *needles)
     gated.screenings["reject"] += 1
+    assert screenings_on_metrics(gated)["reject"] == rejects + 1  # counted at once
     gated.healthy()
     models = [m["id"] for m in requests.get(gated.url + "/v1/models", timeout=10).json()["data"]]
     assert adapter not in models
@@ -309,16 +311,21 @@ def test_startup_refuses_a_rejected_lora_module(servers):
     assert f"{REJECT}'bad': " in refused.log_text(), refused.log_text()[-4000:]
 
 
-def test_gate_counters_on_vllm_metrics(servers):
-    gated = servers["gated"]
-    text = requests.get(gated.url + "/metrics", timeout=10).text
-    assert "vllm:" in text  # vLLM's own registry, not a separate endpoint
+def screenings_on_metrics(server: Server) -> dict[str, float]:
+    """intruder_gate_screenings_total by verdict, from vLLM's own /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    counts = {}
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    assert "vllm:" in text  # vLLM's own registry, not a separate endpoint
     for family in text_string_to_metric_families(text):
         if family.name == "intruder_gate_screenings":
-            counts = {s.labels["verdict"]: s.value for s in family.samples}
+            return {s.labels["verdict"]: s.value for s in family.samples}
+    return {}
+
+
+def test_gate_counters_on_vllm_metrics(servers):
+    gated = servers["gated"]
+    counts = screenings_on_metrics(gated)
     assert counts, "no intruder_gate_screenings_total on /metrics"
     for verdict in ("accept", "warn", "clamp", "reject"):
         assert counts.get(verdict, 0) == gated.screenings[verdict], (counts, gated.screenings)
