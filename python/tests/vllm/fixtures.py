@@ -16,7 +16,7 @@ HIDDEN = 256
 LAYERS = 2
 RANK = 8
 TARGETS = ["q_proj", "v_proj"]
-WORDS = (
+WORDS = (  # noqa: SIM905 (a sentence reads better than a 30-item list)
     "the a gate adapter model layer rank screen clamp base weight vector intruder value query "
     "key token server load serve cache reject accept warn matrix singular dimension spectrum"
 ).split()

@@ -12,14 +12,16 @@ import pytest
 try:
     import vllm  # noqa: F401  (PEFTHelper, which the worker side calls)
 except ImportError as e:
-    pytest.skip(f"vLLM is not installed here ({e}); run scripts/vllm-e2e.sh", allow_module_level=True)
+    pytest.skip(
+        f"vLLM is not installed here ({e}); run scripts/vllm-e2e.sh", allow_module_level=True
+    )
 
 import sys
 
 from intruder_gate import vllm as plugin
 
 sys.path.insert(0, str(Path(__file__).parent))
-import fixtures  # noqa: E402
+import fixtures
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +101,12 @@ def test_snapshots_are_content_addressed(tmp_path, fx):
 def test_prune_never_deletes_a_snapshot_someone_serves(tmp_path, fx):
     root = tmp_path / "s"
     other = plugin.SnapshotStore(root, 0)  # stands for another process: its own lock fds
-    x, px = other.snapshot(str(fx["good"]))
+    _, px = other.snapshot(str(fx["good"]))
     mine = plugin.SnapshotStore(root, 0)  # bound 0: prune everything prunable
-    y, py = mine.snapshot(str(fx["nan"]))
+    _, py = mine.snapshot(str(fx["nan"]))
     assert px.exists() and py.exists()  # x is held by `other`, y by `mine`
     other.close()
-    z, pz = mine.snapshot(str(fx["planted"]))
+    _, pz = mine.snapshot(str(fx["planted"]))
     assert not px.exists()  # released and least recently used: pruned
     assert py.exists() and pz.exists()
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no leftovers

@@ -28,12 +28,14 @@ try:
     import requests
     import vllm  # noqa: F401
 except ImportError as e:  # run through scripts/vllm-e2e.sh, which installs the venv
-    pytest.skip(f"vLLM is not installed here ({e}); run scripts/vllm-e2e.sh", allow_module_level=True)
+    pytest.skip(
+        f"vLLM is not installed here ({e}); run scripts/vllm-e2e.sh", allow_module_level=True
+    )
 
 import intruder_gate as ig
 
 sys.path.insert(0, str(Path(__file__).parent))
-import fixtures  # noqa: E402
+import fixtures
 
 START_TIMEOUT_S = int(os.environ.get("INTRUDER_GATE_E2E_START_TIMEOUT", "600"))
 PROMPTS = ["the gate adapter", "rank screen clamp base weight"]
@@ -70,7 +72,7 @@ class Server:
             "--max-cpu-loras", "1", "--dtype", "float32", "--max-model-len", "256",
             "--max-num-seqs", "4", "--enforce-eager", *args,
         ]  # fmt: skip
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 (lives as long as the server)
         self.proc = subprocess.Popen(
             cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -274,7 +276,11 @@ def test_clamped_adapter_is_what_is_served(servers, fx):
     assert status == 200, text
     gated.screenings["clamp"] += 1
 
-    raw, ref, served = plain.greedy("planted-raw"), plain.greedy("planted-ref"), gated.greedy("planted")
+    raw, ref, served = (
+        plain.greedy("planted-raw"),
+        plain.greedy("planted-ref"),
+        gated.greedy("planted"),
+    )
     for (tok_ref, lp_ref), (tok_s, lp_s) in zip(ref, served):
         assert tok_ref == tok_s
         assert close(lp_ref, lp_s, 1e-4), (lp_ref, lp_s)
@@ -334,6 +340,7 @@ def test_gate_counters_on_vllm_metrics(servers):
 def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
         env={**os.environ, **env},
         capture_output=True,
         text=True,
