@@ -9,7 +9,7 @@ pub struct Limits {
     pub max_file_bytes: u64,
     /// Largest safetensors JSON header accepted.
     pub max_header_bytes: u64,
-    /// Largest `adapter_config.json` accepted.
+    /// Largest JSON document accepted: `adapter_config.json`, a policy file.
     pub max_config_bytes: u64,
     /// Largest LoRA rank accepted.
     pub max_rank: usize,
