@@ -257,7 +257,7 @@ impl Gate {
     /// [`Gate::clamp`] it); `None` when it could not be loaded and the policy rejected it.
     pub fn load_and_screen(&self, dir: &Path) -> Result<(Report, Option<Adapter>)> {
         let started = Instant::now();
-        match adapter::load_peft_dir(dir, &self.config.limits) {
+        match self.load_checked(dir) {
             Ok(a) => Ok((self.screen(&a)?, Some(a))),
             Err(e) => {
                 let name = dir
@@ -267,6 +267,25 @@ impl Gate {
                 Ok((self.finish(&name, Err(e), started)?, None))
             }
         }
+    }
+
+    /// Loads a PEFT directory whose modules' shapes, read from its header alone, fit their base
+    /// tensors: an adapter declaring tensors far larger than its base is refused before any of
+    /// them is read.
+    pub fn load_checked(&self, dir: &Path) -> Result<Adapter> {
+        let limits = &self.config.limits;
+        let peft = adapter::PeftDir::open(dir, limits)?;
+        // No module at all is the loader's error to give.
+        if !peft.modules().is_empty() {
+            let shapes: Vec<_> = peft
+                .modules()
+                .iter()
+                .map(|m| (m.name.as_str(), m.out_features, m.in_features))
+                .collect();
+            let base = self.base.read();
+            Self::map_checked(&base, &shapes, peft.config().fan_in_fan_out)?;
+        }
+        peft.load(limits)
     }
 
     /// Screens an adapter already in memory.
@@ -375,37 +394,57 @@ impl Gate {
 
     /// Maps every module to its base tensor and checks shapes, before any maths.
     fn plan<'a>(&self, base: &'a BaseSet, adapter: &'a Adapter) -> Result<Vec<Job<'a>>> {
-        let names: Vec<&str> = adapter.modules.iter().map(|m| m.name.as_str()).collect();
-        let targets = mapping::map_modules(&names, &base.names())?;
+        let shapes: Vec<_> = adapter
+            .modules
+            .iter()
+            .map(|m| (m.name.as_str(), m.out_features, m.in_features))
+            .collect();
+        let targets = Self::map_checked(base, &shapes, adapter.fan_in_fan_out)?;
         let mut jobs = Vec::with_capacity(targets.len());
         for (lora, base_tensor) in adapter.modules.iter().zip(targets) {
-            let w0 = base.matrix(&base_tensor)?;
-            let transposed = adapter.fan_in_fan_out;
+            jobs.push(Job {
+                base,
+                lora,
+                w0: base.matrix(&base_tensor)?,
+                base_tensor,
+                transposed: adapter.fan_in_fan_out,
+            });
+        }
+        jobs.sort_by(|a, b| a.base_tensor.cmp(&b.base_tensor));
+        Ok(jobs)
+    }
+
+    /// The base tensor of each `(module, out_features, in_features)`, after checking that its
+    /// shape is `[out, in]` (`[in, out]` when `transposed`, for `fan_in_fan_out`).
+    fn map_checked(
+        base: &BaseSet,
+        modules: &[(&str, usize, usize)],
+        transposed: bool,
+    ) -> Result<Vec<String>> {
+        if base.model.is_none() && base.host.is_empty() {
+            crate::bail!(
+                InvalidArgument,
+                "no base attached: attach a base model (or base tensors) before screening"
+            );
+        }
+        let names: Vec<&str> = modules.iter().map(|m| m.0).collect();
+        let targets = mapping::map_modules(&names, &base.names())?;
+        for (&(module, out_features, in_features), base_tensor) in modules.iter().zip(&targets) {
+            let w0 = base.matrix(base_tensor)?;
             let (out, inn) = if transposed {
                 (w0.cols, w0.rows)
             } else {
                 (w0.rows, w0.cols)
             };
-            if (out, inn) != (lora.out_features, lora.in_features) {
+            if (out, inn) != (out_features, in_features) {
                 crate::bail!(
                     Shape,
-                    "module `{}`: B·A is [{}, {}] but base tensor `{base_tensor}` is [{out}, {inn}]{}",
-                    lora.name,
-                    lora.out_features,
-                    lora.in_features,
+                    "module `{module}`: B·A is [{out_features}, {in_features}] but base tensor `{base_tensor}` is [{out}, {inn}]{}",
                     if transposed { " (after fan_in_fan_out transpose)" } else { "" }
                 );
             }
-            jobs.push(Job {
-                base,
-                lora,
-                base_tensor,
-                w0,
-                transposed,
-            });
         }
-        jobs.sort_by(|a, b| a.base_tensor.cmp(&b.base_tensor));
-        Ok(jobs)
+        Ok(targets)
     }
 
     fn run(&self, job: &Job<'_>) -> Result<(ModuleReport, Option<String>)> {

@@ -6,7 +6,7 @@ mod load;
 mod write;
 
 pub use config::AdapterConfig;
-pub use load::load_peft_dir;
+pub use load::{load_peft_dir, ModuleShape, PeftDir};
 pub use write::{write_peft_dir, TOOL};
 
 use crate::bail;
