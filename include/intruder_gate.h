@@ -203,7 +203,7 @@ typedef struct {
 #define IG_STATUS_SHAPE 4
 
 /**
- * NaN or Inf in an adapter tensor or scale.
+ * NaN or Inf in an adapter tensor or scale, or in a base tensor.
  */
 #define IG_STATUS_NON_FINITE 5
 

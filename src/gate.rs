@@ -454,6 +454,7 @@ impl Gate {
         let t = Instant::now();
         let (sigma, max_cos, outside, solver, source, warning) = match self.config.method {
             Method::Dense => {
+                check_base_values(&job.base_tensor, &job.w0, &self.config.limits)?;
                 let w0 = oriented_f64(&job.w0, job.transposed);
                 let (out, inn) = (lora.out_features, lora.in_features);
                 let w1 =
@@ -889,6 +890,20 @@ fn transpose_spectrum(s: &Spectrum) -> Spectrum {
         s: s.s.clone(),
         v: s.u.clone(),
     }
+}
+
+/// A NaN or Inf in a base tensor is named (the SVD would only fail to converge), and finite
+/// values too large for the f32 arithmetic are refused (they give zeros and NaN, not an error).
+fn check_base_values(name: &str, w0: &TensorRef<'_>, limits: &crate::limits::Limits) -> Result<()> {
+    let norm = w0.checked_norm(&format!("base tensor `{name}`"))?;
+    if norm > limits.max_norm {
+        crate::bail!(
+            Limit,
+            "base tensor `{name}` has a Frobenius norm of {norm:.3e}, over the limit of {:e} (max_norm): values this large overflow the screen's f32 arithmetic",
+            limits.max_norm
+        );
+    }
+    Ok(())
 }
 
 fn thread_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool> {

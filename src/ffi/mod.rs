@@ -37,7 +37,7 @@ pub const IG_STATUS_IO: ig_status = 2;
 pub const IG_STATUS_FORMAT: ig_status = 3;
 /// Tensor shapes do not fit together (B·A vs the base tensor, rank 0, …).
 pub const IG_STATUS_SHAPE: ig_status = 4;
-/// NaN or Inf in an adapter tensor or scale.
+/// NaN or Inf in an adapter tensor or scale, or in a base tensor.
 pub const IG_STATUS_NON_FINITE: ig_status = 5;
 /// Valid input refused on purpose (pickle weights, integer dtypes, …).
 pub const IG_STATUS_UNSUPPORTED: ig_status = 6;
