@@ -323,14 +323,16 @@ const char *ig_status_str(ig_status status);
 
 /**
  * Copies this thread's last error message into `buf` (at most `cap` bytes, always
- * NUL-terminated when `cap > 0`, truncated when short) and returns the size needed including
- * the NUL. `buf` may be NULL when `cap` is 0, to ask for the size. Empty ("") when no call on
+ * NUL-terminated when `cap > 0`) and returns the size needed for the whole message including
+ * the NUL. When `cap` is short the message is cut at a UTF-8 character boundary, so what `buf`
+ * holds is always valid UTF-8 (it may then use fewer than `cap - 1` bytes). `buf` may be NULL when `cap` is 0, to ask for the size. Empty ("") when no call on
  * this thread has failed yet. Successful calls do not clear it.
  *
  * # Safety
  * `buf` is NULL or points to at least `cap` writable bytes.
  */
-size_t ig_last_error(char *buf, size_t cap);
+size_t ig_last_error(char *buf,
+                     size_t cap);
 
 /**
  * A new, empty adapter for modules the host holds in memory. NULL only on an internal panic.
