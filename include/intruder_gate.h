@@ -443,7 +443,8 @@ void ig_adapter_free(ig_adapter *a);
  * `r` must come from a screening on this gate (`ig_gate_screen` or `ig_gate_screen_adapter`)
  * that succeeded. IG_STATUS_INVALID_ARGUMENT for a NULL pointer, a bad `lambda`, an unknown
  * `target` or `mode`, a report from another gate or from a failed screening (a `reject` report
- * carrying the error), or a `pad_rank_to` below a module's clamped rank. On failure nothing is
+ * carrying the error), or a `pad_rank_to` below a module's clamped rank; IG_STATUS_LIMIT for a
+ * `pad_rank_to` over the rank limit (4096). On failure nothing is
  * written and nothing changes. Costs about one screening (base spectra come from the cache);
  * safe to call from many threads at once, like screening.
  *
