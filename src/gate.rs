@@ -11,7 +11,7 @@ use crate::metrics::{CacheResult, Info, Metrics, ScreenOutcome};
 use crate::policy::OnInvalid;
 use crate::report::{classify, Method, ModuleReport, Report, ReportError, Verdict, SCHEMA_VERSION};
 use crate::spectrum::brand::{self, BrandSolution, Update};
-use crate::spectrum::cache::{Key, Source, SpectrumCache};
+use crate::spectrum::cache::{Fetched, Key, Source, SpectrumCache};
 use crate::spectrum::dense;
 use crate::spectrum::krylov::KrylovSettings;
 use crate::tensor::{DType, TensorRef};
@@ -529,8 +529,13 @@ impl Gate {
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<Solved> {
         let t = Instant::now();
-        let (spectrum, source, warning) =
-            self.base_spectrum(job.base, &job.base_tensor, &job.w0)?;
+        let fetched = self.base_spectrum(job.base, &job.base_tensor, &job.w0)?;
+        let (spectrum, source) = (fetched.spectrum, fetched.source);
+        let warning = [fetched.rebuilt, fetched.not_written]
+            .into_iter()
+            .flatten()
+            .map(|w| format!("base tensor `{}`: {w}", job.base_tensor))
+            .reduce(|a, b| format!("{a}; {b}"));
         timings.insert("base_spectrum".into(), ms(t));
         let base = if job.transposed {
             Arc::new(transpose_spectrum(&spectrum))
@@ -614,20 +619,17 @@ impl Gate {
     }
 
     /// The base spectrum of one stored base tensor (its own orientation), via the cache.
-    fn base_spectrum(
-        &self,
-        base: &BaseSet,
-        name: &str,
-        w0: &TensorRef<'_>,
-    ) -> Result<(Arc<Spectrum>, Source, Option<String>)> {
+    fn base_spectrum(&self, base: &BaseSet, name: &str, w0: &TensorRef<'_>) -> Result<Fetched> {
         let key = self.key(name, w0);
         let started = Instant::now();
-        let computed = self.cache.get_or_compute(&key, || {
+        let computed = self.cache.get_or_compute(&key, w0, || {
+            check_base_values(name, w0, &self.config.limits)?;
             self.off_pool(|| self.backend.thin_svd(&w0.to_f32(), w0.rows, w0.cols))
         });
         // Fingerprinting and computing read the whole tensor; its pages need not stay resident.
         base.release(name);
-        let (s, source, warning) = computed?;
+        let fetched = computed?;
+        let source = fetched.source;
         self.metrics.record_cache(match source {
             Source::MemoryHit => CacheResult::MemoryHit,
             Source::DiskHit => CacheResult::DiskHit,
@@ -638,7 +640,7 @@ impl Gate {
             self.metrics
                 .record_spectrum_compute(started.elapsed().as_secs_f64());
         }
-        Ok((s, source, warning))
+        Ok(fetched)
     }
 
     /// Runs `f` (a base-spectrum computation, called while holding that spectrum's cache flight)
@@ -687,8 +689,10 @@ impl Gate {
                 .par_iter()
                 .map(|name| {
                     let w0 = base.matrix(name)?;
-                    let (_, source, warning) = self.base_spectrum(&base, name, &w0)?;
-                    if let Some(w) = warning {
+                    let fetched = self.base_spectrum(&base, name, &w0)?;
+                    let source = fetched.source;
+                    // Indexing fills the disk cache: an entry not written fails it.
+                    if let Some(w) = fetched.not_written {
                         crate::bail!(Io, "{w}");
                     }
                     progress(&IndexProgress {
