@@ -449,6 +449,9 @@ pub fn write_atomically(
     let tmp = temp_sibling(path);
     let written = (|| {
         let mut f = File::create(&tmp)?;
+        // Held until the rename (the file is closed after it): a cleaner that can take this
+        // lock knows the writer is gone (see `spectrum::cache`).
+        try_lock(&f);
         fill(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -459,6 +462,22 @@ pub fn write_atomically(
     }
     sync_dir(dir);
     Ok(())
+}
+
+/// Takes an exclusive advisory lock on `f` without waiting; true when taken. Released when the
+/// file is closed, also when its process is killed. Always false where flock is missing.
+pub fn try_lock(f: &File) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this File owns; no memory is passed.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = f;
+        false
+    }
 }
 
 /// The directory `path` is in: `.` for a bare file name.

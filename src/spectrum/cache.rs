@@ -158,6 +158,9 @@ impl SpectrumCache {
         memory_bytes: usize,
         limits: Limits,
     ) -> Self {
+        if let Some(d) = &dir {
+            remove_stale_temporaries(d);
+        }
         SpectrumCache {
             dir,
             disk_dtype,
@@ -335,6 +338,67 @@ impl SpectrumCache {
             ],
             &meta,
         )
+    }
+}
+
+/// Removes the temporary files of cache entries whose writer is gone (a process killed while
+/// writing leaves one, up to a few hundred MB), and returns how many. Only names of this cache's
+/// own temporaries (`.<entry name>.<pid>.<seq>.tmp`, see `safetensors_file::temp_sibling`) are
+/// touched, and only when both the writer's lock on the file can be taken (a live writer holds
+/// it until its rename) and the process id in the name is not alive (writers without that lock).
+/// Anything else, or any error, leaves the file alone.
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    static TEMP: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"^\.[0-9a-f]{32}-[0-9]+x[0-9]+-[a-z0-9]+\.v[0-9]+\.safetensors\.([0-9]+)\.[0-9]+\.tmp$",
+        )
+        .expect("a valid regex")
+    });
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| TEMP.captures(n))
+            .and_then(|c| c[1].parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        // Regular files only, never followed through a link.
+        if !entry.file_type().is_ok_and(|t| t.is_file()) || process_alive(pid) {
+            continue;
+        }
+        let Ok(f) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if safetensors_file::try_lock(&f) && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether process `pid` exists (ours counts). Unknown means alive.
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // SAFETY: signal 0 only checks for existence and permission; nothing is sent.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        true
     }
 }
 
