@@ -682,6 +682,13 @@ impl Gate {
             .into_iter()
             .filter(|n| include.is_none_or(|re| re.is_match(n)))
             .collect();
+        if let (Some(re), true) = (include, names.is_empty()) {
+            crate::bail!(
+                InvalidArgument,
+                "the include pattern `{re}` matches none of the base's {} 2-D float tensors",
+                base.names().len()
+            );
+        }
         let total = names.len();
         let done = std::sync::atomic::AtomicUsize::new(0);
         let sources: Result<Vec<Source>> = self.pool.install(|| {
