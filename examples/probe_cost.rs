@@ -1,6 +1,6 @@
 //! Cost of the cache's anti-forgery probe (`spectrum::cache::probe`) on the shapes of one Llama-7B
 //! layer, beside the cost of reading and decoding the cached entry it checks.
-//! `cargo run --release --example probe_cost`.
+//! `cargo run --example probe_cost` (the dev profile is opt-level 3).
 //!
 //! The probe's work does not depend on the values, only on the shapes, so the tensor is built
 //! with a known exact SVD (`W0 = diag(Σ)` padded, U0 and V0 coordinate vectors) instead of
