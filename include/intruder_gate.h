@@ -203,7 +203,7 @@ typedef struct {
 #define IG_STATUS_SHAPE 4
 
 /**
- * NaN or Inf in an adapter tensor or scale.
+ * NaN or Inf in an adapter tensor or scale, or in a base tensor.
  */
 #define IG_STATUS_NON_FINITE 5
 
@@ -323,14 +323,16 @@ const char *ig_status_str(ig_status status);
 
 /**
  * Copies this thread's last error message into `buf` (at most `cap` bytes, always
- * NUL-terminated when `cap > 0`, truncated when short) and returns the size needed including
- * the NUL. `buf` may be NULL when `cap` is 0, to ask for the size. Empty ("") when no call on
+ * NUL-terminated when `cap > 0`) and returns the size needed for the whole message including
+ * the NUL. When `cap` is short the message is cut at a UTF-8 character boundary, so what `buf`
+ * holds is always valid UTF-8 (it may then use fewer than `cap - 1` bytes). `buf` may be NULL when `cap` is 0, to ask for the size. Empty ("") when no call on
  * this thread has failed yet. Successful calls do not clear it.
  *
  * # Safety
  * `buf` is NULL or points to at least `cap` writable bytes.
  */
-size_t ig_last_error(char *buf, size_t cap);
+size_t ig_last_error(char *buf,
+                     size_t cap);
 
 /**
  * A new, empty adapter for modules the host holds in memory. NULL only on an internal panic.
@@ -441,7 +443,8 @@ void ig_adapter_free(ig_adapter *a);
  * `r` must come from a screening on this gate (`ig_gate_screen` or `ig_gate_screen_adapter`)
  * that succeeded. IG_STATUS_INVALID_ARGUMENT for a NULL pointer, a bad `lambda`, an unknown
  * `target` or `mode`, a report from another gate or from a failed screening (a `reject` report
- * carrying the error), or a `pad_rank_to` below a module's clamped rank. On failure nothing is
+ * carrying the error), or a `pad_rank_to` below a module's clamped rank; IG_STATUS_LIMIT for a
+ * `pad_rank_to` over the rank limit (4096). On failure nothing is
  * written and nothing changes. Costs about one screening (base spectra come from the cache);
  * safe to call from many threads at once, like screening.
  *

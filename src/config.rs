@@ -25,7 +25,8 @@ pub struct Config {
     pub tie_tolerance: f64,
     /// Residual tolerance of the Krylov solve, relative to σ₁.
     pub krylov_tolerance: f64,
-    /// Worker threads for screening modules concurrently (0 = one per core).
+    /// Worker threads for screening modules concurrently (0 = one per core; at most
+    /// [`crate::limits::max_threads`], four per core).
     pub threads: usize,
     /// Device memory budget for the CUDA backend.
     pub gpu_memory_bytes: Option<usize>,
@@ -85,6 +86,14 @@ impl Config {
                 InvalidArgument,
                 "krylov tolerance must be in (0, 0.01), got {}",
                 self.krylov_tolerance
+            );
+        }
+        let max = crate::limits::max_threads();
+        if self.threads > max {
+            crate::bail!(
+                InvalidArgument,
+                "threads must be at most {max} (4 per core, at least 16), got {}",
+                self.threads
             );
         }
         self.policy.validate()

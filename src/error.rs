@@ -13,7 +13,7 @@ pub enum ErrorKind {
     Format,
     /// Tensor shapes do not fit together (B·A vs base, rank of A vs rank of B, …).
     Shape,
-    /// NaN or Inf in an adapter tensor.
+    /// NaN or Inf in an adapter tensor, or in a base tensor.
     NonFinite,
     /// Valid input the library refuses on purpose (pickle weights, a dtype it cannot read, …).
     Unsupported,

@@ -177,6 +177,14 @@ impl Policy {
         Ok(p)
     }
 
+    /// Reads a policy file (`scan --policy`), bounded like every JSON document the tool reads
+    /// (`max_config_bytes`).
+    pub fn load(path: &std::path::Path, limits: &crate::limits::Limits) -> Result<Policy> {
+        let text =
+            crate::safetensors_file::read_text(path, limits.max_config_bytes, "max_config_bytes")?;
+        Policy::parse(&text).map_err(|e| e.context(path.display()))
+    }
+
     pub fn validate(&self) -> Result<()> {
         for (i, r) in self.rules.iter().enumerate() {
             let ok = match r.metric {

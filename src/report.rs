@@ -197,10 +197,10 @@ impl Report {
             );
         }
         s += &format!(
-            "\n{} modules, {} with intruders, {} intruder dimensions in total\nverdict: {}\n",
-            self.modules.len(),
+            "\n{}, {} with intruders, {} in total\nverdict: {}\n",
+            plural(self.modules.len(), "module"),
             self.modules_with_intruders,
-            self.total_intruders,
+            plural(self.total_intruders, "intruder dimension"),
             self.verdict.label()
         );
         for f in &self.fired_rules {
@@ -213,6 +213,15 @@ impl Report {
             s += &format!("warning: {w}\n");
         }
         s
+    }
+}
+
+/// "1 module", "2 modules".
+pub fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 

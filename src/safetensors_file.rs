@@ -7,7 +7,7 @@ use crate::limits::Limits;
 use crate::tensor::{DType, TensorRef};
 use memmap2::Mmap;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -43,8 +43,7 @@ struct RawInfo {
 impl SafetensorsFile {
     pub fn open(path: &Path, limits: &Limits) -> Result<Self> {
         let p = path.display();
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let (mut file, file_len) = open_regular(path)?;
         if file_len > limits.max_file_bytes {
             bail!(
                 Limit,
@@ -62,6 +61,19 @@ impl SafetensorsFile {
         file.read_exact(&mut len_bytes)
             .map_err(|e| Error::io(path, e))?;
         let header_len = u64::from_le_bytes(len_bytes);
+        // Every safetensors header is a JSON object; anything else (a text file, a pickle) is
+        // named for what it is rather than by the absurd length its first 8 bytes decode to.
+        let mut first = [0u8; 1];
+        if file_len > 8 {
+            file.read_exact(&mut first)
+                .map_err(|e| Error::io(path, e))?;
+            if first[0] != b'{' {
+                bail!(
+                    Format,
+                    "{p}: not a safetensors file: its JSON header must start with '{{' at byte 8"
+                );
+            }
+        }
         if header_len > limits.max_header_bytes {
             bail!(
                 Limit,
@@ -77,8 +89,10 @@ impl SafetensorsFile {
         }
         // Both bounds above make this allocation at most max_header_bytes and within the file.
         let mut header = vec![0u8; header_len as usize];
-        file.read_exact(&mut header)
-            .map_err(|e| Error::io(path, e))?;
+        if let Some((head, rest)) = header.split_first_mut() {
+            *head = first[0];
+            file.read_exact(rest).map_err(|e| Error::io(path, e))?;
+        }
         let data_offset = 8 + header_len as usize;
         let data_len = (file_len - 8 - header_len) as usize;
         let (tensors, metadata) =
@@ -180,12 +194,22 @@ fn parse_header(header: &[u8], data_len: usize, limits: &Limits) -> Result<Heade
     let Ok(text) = std::str::from_utf8(header) else {
         bail!(Format, "safetensors header is not UTF-8");
     };
-    let raw: HashMap<String, serde_json::Value> = serde_json::from_str(text).map_err(|e| {
+    let not_object = |e: serde_json::Error| {
         Error::new(
             ErrorKind::Format,
             format!("safetensors header is not a JSON object: {e}"),
         )
-    })?;
+    };
+    // In file order with repeats kept: a map would silently keep the last of two entries
+    // with one name (as the reference parser does), and a reader could be shown either.
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw: Vec<(String, serde_json::Value)> =
+        crate::adapter::config::ordered(&mut de).map_err(not_object)?;
+    de.end().map_err(not_object)?;
+    let mut seen = HashSet::new();
+    if let Some((name, _)) = raw.iter().find(|(n, _)| !seen.insert(n.as_str())) {
+        bail!(Format, "safetensors header names {name:?} more than once");
+    }
     let mut tensors = BTreeMap::new();
     let mut metadata = BTreeMap::new();
     for (name, value) in raw {
@@ -289,6 +313,70 @@ fn check_layout(tensors: &BTreeMap<String, TensorInfo>, data_len: usize) -> Resu
     Ok(())
 }
 
+/// Opens `path` for reading when it is a regular file (symlinks followed) and returns it with
+/// its length. Anything else is refused before `open(2)` could block (a FIFO) or touch a device;
+/// the type is checked again on the opened descriptor, so a swap in between is caught too.
+pub fn open_regular(path: &Path) -> Result<(File, u64)> {
+    let not_regular = |t: std::fs::FileType| {
+        let what = if t.is_dir() {
+            "a directory"
+        } else if t.is_symlink() {
+            "a dangling symlink"
+        } else {
+            "not a regular file (a FIFO, socket or device)"
+        };
+        Error::new(
+            ErrorKind::Io,
+            format!("{}: {what}; expected a regular file", path.display()),
+        )
+    };
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Should the path become a FIFO after the check, open(2) returns at once instead of
+        // waiting for a writer. No effect on regular files.
+        options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let file = options.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    Ok((file, meta.len()))
+}
+
+/// A whole small text file (a JSON config, a policy) of at most `max_bytes`, read through
+/// [`open_regular`]; `limit` names the limit in the error.
+pub fn read_text(path: &Path, max_bytes: u64, limit: &str) -> Result<String> {
+    let p = path.display();
+    let (file, len) = open_regular(path)?;
+    let over = || {
+        Error::new(
+            ErrorKind::Limit,
+            format!("{p}: file is over the limit of {max_bytes} bytes ({limit})"),
+        )
+    };
+    if len > max_bytes {
+        return Err(over());
+    }
+    let mut bytes = Vec::new();
+    // The file may grow after the size check: never read past the limit.
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(over());
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| Error::new(ErrorKind::Format, format!("{p}: not UTF-8 text")))
+}
+
 /// Writes a safetensors file atomically (temp file in the same dir + fsync + rename), header
 /// padded so data starts 8-byte aligned.
 pub fn write(
@@ -361,6 +449,9 @@ pub fn write_atomically(
     let tmp = temp_sibling(path);
     let written = (|| {
         let mut f = File::create(&tmp)?;
+        // Held until the rename (the file is closed after it): a cleaner that can take this
+        // lock knows the writer is gone (see `spectrum::cache`).
+        try_lock(&f);
         fill(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -371,6 +462,22 @@ pub fn write_atomically(
     }
     sync_dir(dir);
     Ok(())
+}
+
+/// Takes an exclusive advisory lock on `f` without waiting; true when taken. Released when the
+/// file is closed, also when its process is killed. Always false where flock is missing.
+pub fn try_lock(f: &File) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this File owns; no memory is passed.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = f;
+        false
+    }
 }
 
 /// The directory `path` is in: `.` for a bare file name.
@@ -479,7 +586,7 @@ mod tests {
     fn header_must_be_utf8_json() {
         let lim = Limits::default();
         let dir = tempfile::tempdir().unwrap();
-        let path = raw(&dir, 4, "\u{0}\u{0}\u{0}\u{0}", &[]);
+        let path = raw(&dir, 4, "{\u{0}\u{0}\u{0}", &[]);
         check(
             SafetensorsFile::open(&path, &lim).unwrap_err(),
             ErrorKind::Format,
@@ -487,7 +594,7 @@ mod tests {
         );
         let path = dir.path().join("t.safetensors");
         let mut bytes = 2u64.to_le_bytes().to_vec();
-        bytes.extend_from_slice(&[0xff, 0xfe]);
+        bytes.extend_from_slice(&[b'{', 0xfe]);
         std::fs::write(&path, bytes).unwrap();
         check(
             SafetensorsFile::open(&path, &lim).unwrap_err(),
@@ -497,7 +604,7 @@ mod tests {
         check(
             open_header("[1, 2]", 0, &lim),
             ErrorKind::Format,
-            "not a JSON object",
+            "not a safetensors file",
         );
         check(
             open_header(r#"{"x": 3}"#, 0, &lim),

@@ -130,6 +130,25 @@ impl<'a> TensorRef<'a> {
         }
     }
 
+    /// The Frobenius norm (accumulated in f64, which no f32/f16/bf16 input overflows), or a
+    /// `NonFinite` error naming the first NaN or Inf. `what` names the tensor.
+    pub fn checked_norm(&self, what: &str) -> Result<f64> {
+        let mut sum = 0.0f64;
+        for i in 0..self.len() {
+            let x = self.get(i);
+            if !x.is_finite() {
+                bail!(
+                    NonFinite,
+                    "{what} has {x} at (row {}, col {})",
+                    i / self.cols,
+                    i % self.cols
+                );
+            }
+            sum += x * x;
+        }
+        Ok(sum.sqrt())
+    }
+
     /// The first non-finite element, as (row, col), if any.
     pub fn first_non_finite(&self) -> Option<(usize, usize)> {
         (0..self.len())

@@ -246,3 +246,187 @@ fn many_callers_on_a_cold_gate_never_deadlock() {
         .recv_timeout(std::time::Duration::from_secs(600))
         .expect("screening threads did not finish within 10 minutes: deadlock");
 }
+
+/// Rewrites a cache entry with other singular vectors and values, and the checksum recomputed,
+/// as anyone who can write the cache directory can (the checksum is unkeyed).
+fn forge(path: &Path, u: &[f32], s: &[f32], v: &[f32]) {
+    use intruder_gate::safetensors_file::{write, SafetensorsFile};
+    use intruder_gate::tensor::{encode, DType};
+    let f = SafetensorsFile::open(path, &intruder_gate::limits::Limits::default()).unwrap();
+    let mut meta = f.metadata().clone();
+    let shape = |n: &str| f.info(n).unwrap().shape.clone();
+    let (su, ss, sv) = (shape("u"), shape("s"), shape("v"));
+    drop(f);
+    let mut bytes = Vec::new();
+    for part in [u, s, v] {
+        bytes.extend_from_slice(bytemuck::cast_slice(part));
+    }
+    meta.insert(
+        "checksum".into(),
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
+    );
+    let t =
+        |n: &str, sh: Vec<usize>, x: &[f32]| (n.to_string(), DType::F32, sh, encode(x, DType::F32));
+    write(path, &[t("u", su, u), t("s", ss, s), t("v", sv, v)], &meta).unwrap();
+}
+
+/// Makes the (u, s, v) of a forged entry for base tensor `name`, module `index`.
+type Forgery<'a> = &'a dyn Fn(&str, usize) -> (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// The spectrum stored in a cache entry, as f32 (u, s, v row-major as written).
+fn entry(path: &Path) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use intruder_gate::safetensors_file::SafetensorsFile;
+    let f = SafetensorsFile::open(path, &intruder_gate::limits::Limits::default()).unwrap();
+    let get = |n: &str| {
+        f.bytes(n)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect::<Vec<f32>>()
+    };
+    (get("u"), get("s"), get("v"))
+}
+
+/// Cache forgery (issue 15): entries rewritten with a valid-looking checksum but not the SVD of
+/// their base tensor — the SVD of the adapted weight W' itself (which makes every direction of W'
+/// look like a base direction, hiding the intruders), a non-orthonormal U0 with Σ0 compensating
+/// (same product), two singular vectors swapped — are each caught by the probe, rebuilt, counted
+/// and reported; genuine entries, f32 and f16, pass it.
+#[test]
+fn forged_cache_entries_fail_the_probe_and_are_rebuilt() {
+    use intruder_gate::adapter::load_peft_dir;
+    use intruder_gate::backend::{cpu::CpuBackend, Backend};
+    use intruder_gate::base::BaseModel;
+    use intruder_gate::limits::Limits;
+    use intruder_gate::spectrum::cache::Key;
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = setup(dir.path(), 21);
+    for dtype in [CacheDType::F32, CacheDType::F16] {
+        let cache = tempfile::tempdir().unwrap();
+        let g = gate(Some(cache.path()), Method::Brand, dtype);
+        g.attach_base(&p.base).unwrap();
+        let clean = g.screen_adapter_dir(&p.adapter).unwrap();
+        assert!(
+            clean.total_intruders > 0,
+            "the planted adapter has intruders"
+        );
+        let g = gate(Some(cache.path()), Method::Brand, dtype);
+        g.attach_base(&p.base).unwrap();
+        let again = g.screen_adapter_dir(&p.adapter).unwrap();
+        assert_eq!(
+            sources(&again),
+            ["disk_hit"; 3],
+            "{dtype:?}: genuine entries pass"
+        );
+        assert!(again.warnings.is_empty(), "{:?}", again.warnings);
+    }
+
+    let cache = tempfile::tempdir().unwrap();
+    let g = gate(Some(cache.path()), Method::Brand, CacheDType::F32);
+    g.attach_base(&p.base).unwrap();
+    let clean = g.screen_adapter_dir(&p.adapter).unwrap();
+    let base = BaseModel::open(&p.base, &Limits::default()).unwrap();
+    let adapter = load_peft_dir(&p.adapter, &Limits::default()).unwrap();
+    let path_of = |t: &str| {
+        let fp = format!("{:032x}", Key::of(&base.matrix(t).unwrap()).fingerprint);
+        cache_files(cache.path())
+            .into_iter()
+            .find(|f| f.file_name().unwrap().to_str().unwrap().starts_with(&fp))
+            .unwrap()
+    };
+    let forgeries: [(&str, Forgery<'_>); 3] = [
+        ("not an SVD", &|t: &str, i: usize| {
+            // W' = W0 + s·B·A, and its own SVD in W0's entry.
+            let w0 = base.matrix(t).unwrap();
+            let m = &adapter.modules[i];
+            let mut w = w0.to_f32();
+            for r in 0..m.out_features {
+                for c in 0..m.in_features {
+                    let d: f32 = (0..m.rank)
+                        .map(|k| m.b[r * m.rank + k] * m.a[k * m.in_features + c])
+                        .sum();
+                    w[r * w0.cols + c] += m.scale as f32 * d;
+                }
+            }
+            let s = CpuBackend.thin_svd(&w, w0.rows, w0.cols).unwrap();
+            (s.u, s.s, s.v)
+        }),
+        ("not orthonormal", &|t: &str, _| {
+            let (mut u, mut s, v) = entry(&path_of(t));
+            u.iter_mut().for_each(|x| *x *= 2.0);
+            s.iter_mut().for_each(|x| *x *= 0.5);
+            (u, s, v)
+        }),
+        ("not an SVD", &|t: &str, _| {
+            let (mut u, s, v) = entry(&path_of(t));
+            let rows = u.len() / s.len();
+            let (first, second) = u.split_at_mut(rows);
+            first.swap_with_slice(&mut second[..rows]);
+            (u, s, v)
+        }),
+    ];
+    for (why, forgery) in forgeries {
+        for (i, m) in clean.modules.iter().enumerate() {
+            assert_eq!(m.module, adapter.modules[i].name);
+            let (u, s, v) = forgery(&m.base_tensor, i);
+            forge(&path_of(&m.base_tensor), &u, &s, &v);
+        }
+        let g = gate(Some(cache.path()), Method::Brand, CacheDType::F32);
+        g.attach_base(&p.base).unwrap();
+        let r = g.screen_adapter_dir(&p.adapter).unwrap();
+        assert_eq!(sources(&r), ["rebuilt_corrupt"; 3], "{why}");
+        assert_eq!(r.total_intruders, clean.total_intruders, "{why}");
+        assert_eq!(cos(&r), cos(&clean), "{why}");
+        assert_eq!(r.warnings.len(), 3, "{why}: {:?}", r.warnings);
+        assert!(
+            r.warnings.iter().all(|w| w.contains(why)),
+            "{why}: {:?}",
+            r.warnings
+        );
+        let metrics = g.metrics().render();
+        assert!(
+            metrics.contains(
+                "intruder_gate_base_spectrum_cache_requests_total{result=\"rebuilt_corrupt\"} 3"
+            ),
+            "{metrics}"
+        );
+    }
+}
+
+/// A process killed while writing an entry leaves `.<entry>.<pid>.<seq>.tmp` behind (issue 15);
+/// the next gate on that directory removes it when its writer is gone, and nothing else: not a
+/// live process's temporary, not one whose writer still holds its lock, not other names.
+#[test]
+fn stale_temporaries_of_dead_writers_are_removed_on_start() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let entry = format!("{:032x}-96x96-f32.v1.safetensors", 0xabcdu128);
+    let temp = |pid: u32, seq: u32| cache.path().join(format!(".{entry}.{pid}.{seq}.tmp"));
+    let stale = [temp(dead, 0), temp(dead, 7)];
+    let live = temp(std::process::id(), 0);
+    let locked = temp(dead, 3);
+    let others = [
+        cache.path().join(format!(".{entry}.{dead}.tmp")),
+        cache
+            .path()
+            .join(format!(".other.safetensors.{dead}.0.tmp")),
+        cache.path().join(format!("{entry}.{dead}.0.tmp")),
+    ];
+    for f in stale.iter().chain([&live, &locked]).chain(&others) {
+        std::fs::write(f, b"partial").unwrap();
+    }
+    // A writer in another PID namespace would look dead by its id; it holds the lock.
+    let held = std::fs::File::open(&locked).unwrap();
+    assert!(intruder_gate::safetensors_file::try_lock(&held));
+
+    let _gate = gate(Some(cache.path()), Method::Brand, CacheDType::F32);
+    for f in &stale {
+        assert!(!f.exists(), "{} left behind", f.display());
+    }
+    for f in [&live, &locked].into_iter().chain(&others) {
+        assert!(f.exists(), "{} removed", f.display());
+    }
+}

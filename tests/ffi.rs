@@ -1486,3 +1486,65 @@ fn write_peft_round_trips_clamped_and_host_adapters() {
         ig_gate_free(g);
     }
 }
+
+/// `ig_last_error` cut inside a multi-byte character, leaving an invalid byte before the NUL
+/// (issue 15); it now cuts at the last character boundary that fits.
+#[test]
+fn last_error_is_cut_at_a_character_boundary() {
+    unsafe {
+        let cfg = ig_config_new();
+        ok(ig_config_set_cache_dir(cfg, null()));
+        let mut g = null_mut();
+        ok(ig_gate_new(cfg, &mut g));
+        ig_config_free(cfg);
+        let dir = tempfile::tempdir().unwrap();
+        // 'é' is two bytes, '€' three.
+        let missing = dir.path().join("é€é");
+        assert_status(
+            ig_gate_attach_base(g, c_path(&missing).as_ptr()),
+            IG_STATUS_IO,
+            "é€é",
+        );
+        let full = last_error();
+        let start = full.find("é€é").unwrap();
+        for cap in start + 1..start + 9 {
+            let mut buf = vec![b'#' as c_char; cap];
+            assert_eq!(ig_last_error(buf.as_mut_ptr(), cap), full.len() + 1);
+            let got = CStr::from_ptr(buf.as_ptr()).to_bytes();
+            let text = std::str::from_utf8(got)
+                .unwrap_or_else(|e| panic!("cap {cap}: invalid UTF-8 {got:?}: {e}"));
+            assert!(full.starts_with(text), "cap {cap}: {text:?}");
+            // The longest prefix that fits and ends on a boundary.
+            let want = (0..cap).rev().find(|&n| full.is_char_boundary(n)).unwrap();
+            assert_eq!(text.len(), want, "cap {cap}");
+        }
+        ig_gate_free(g);
+    }
+}
+
+/// `pad_rank_to` was not bounded before the padded factors were allocated: `SIZE_MAX` gave
+/// IG_STATUS_PANIC and 2^40 aborted the host (issue 15). Both are IG_STATUS_LIMIT now, and the
+/// gate and report stay usable.
+#[test]
+fn a_pad_rank_over_the_rank_limit_is_refused_before_allocation() {
+    let g = gate();
+    let r = screen_dir_report(g, &adapter_dir("lora_r16_qv"));
+    let (all, exact) = (IG_CLAMP_TARGET_ALL, IG_CLAMP_MODE_EXACT);
+    let limit = Limits::default().max_rank;
+    for pad in [usize::MAX, 1 << 40, limit + 1] {
+        let mut out = null_mut();
+        assert_status(
+            unsafe { ig_gate_clamp(g, r, 0.5, all, exact, pad, &mut out) },
+            IG_STATUS_LIMIT,
+            &format!("pad_rank_to {pad} is over the rank limit of {limit}"),
+        );
+        assert!(out.is_null());
+    }
+    let padded = clamp(g, r, 0.5, all, exact, 64);
+    assert!(factors(padded).iter().all(|f| f.rank == 64));
+    unsafe {
+        ig_adapter_free(padded);
+        ig_report_free(r);
+        ig_gate_free(g);
+    }
+}

@@ -9,13 +9,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use intruder_gate::adapter::load_peft_dir;
 use intruder_gate::backend::BackendChoice;
 use intruder_gate::policy::OnInvalid;
+use intruder_gate::report::plural;
 use intruder_gate::report::{Method, Report, Verdict};
 use intruder_gate::spectrum::cache::CacheDType;
 use intruder_gate::tensor::DType;
 use intruder_gate::{ClampMode, ClampOptions, Policy, Target};
-use intruder_gate::{Config, Error, Gate};
+use intruder_gate::{Config, Error, ErrorKind, Gate};
 use std::io::{IsTerminal as _, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -119,9 +120,10 @@ struct Common {
     /// Store cached singular vectors as f16 (half the size, ~4e-4 in max|cos|).
     #[arg(long)]
     cache_f16: bool,
+    /// Where the SVDs and projections run: cuda when a GPU is usable (auto), or forced.
     #[arg(long, value_enum, default_value = "auto")]
     backend: BackendArg,
-    /// Worker threads (0 = one per core).
+    /// Worker threads (0 = one per core; at most 4 per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
 }
@@ -129,9 +131,12 @@ struct Common {
 /// The intruder test's settings, shared by `scan` and `clamp`.
 #[derive(Args)]
 struct Screening {
+    /// How many top singular vectors of the adapted weight are tested (1..=4096).
     #[arg(long, default_value_t = 10)]
     top_k: usize,
-    #[arg(long, default_value_t = 0.5)]
+    /// A vector is an intruder when its max |cos| with every base singular vector is below
+    /// this, in (0, 1].
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     epsilon: f64,
 }
 
@@ -144,14 +149,19 @@ struct ClampArgs {
     /// PEFT adapter directory to clamp.
     #[arg(long)]
     adapter: PathBuf,
-    /// Output directory for the clamped PEFT adapter.
+    /// Output directory for the clamped PEFT adapter (not the input, nor inside it).
     #[arg(long)]
     out: PathBuf,
+    /// Write into an --out directory that exists and is not empty (its adapter files are replaced).
+    #[arg(long)]
+    force: bool,
     /// Factor for each clamped singular value (0 removes the direction; > 1 amplifies it).
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = 0.75, allow_negative_numbers = true)]
     lambda: f64,
+    /// Which intruders of each module are scaled.
     #[arg(long, value_enum, default_value = "all")]
     target: TargetArg,
+    /// How the clamped update is written.
     #[arg(long, value_enum, default_value = "exact")]
     mode: ModeArg,
     /// Pad every module with zeros to this rank (servers with a fixed max_lora_rank).
@@ -167,13 +177,17 @@ struct ClampArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum TargetArg {
+    /// Every intruder among the top k (PEFT's reduce_intruder_dimension).
     All,
+    /// The highest-ranked intruder of each module (the paper's experiments).
     Top1,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
+    /// Exactly, as a LoRA of rank r + m (m = directions clamped): nothing else changes.
     Exact,
+    /// Its best rank-r approximation (as PEFT): the rank is kept, with a truncation error.
     RankPreserving,
 }
 
@@ -192,8 +206,10 @@ struct ScanArgs {
     /// A fully fine-tuned model to compare with the base (dense method).
     #[arg(long)]
     tuned: Option<PathBuf>,
+    /// How the spectrum of the adapted weight is found.
     #[arg(long, value_enum, default_value = "brand")]
     method: MethodArg,
+    /// Report format on stdout.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
     /// Exit 1 when the verdict is at least this severe.
@@ -201,6 +217,7 @@ struct ScanArgs {
     fail_on: Option<FailOn>,
     /// After the run, write the gate's metrics here (Prometheus text format, replaced
     /// atomically), also when the scan fails; e.g. for node_exporter's textfile collector.
+    /// Must be a regular file or not exist yet.
     #[arg(long)]
     metrics_file: Option<PathBuf>,
 }
@@ -216,20 +233,26 @@ struct IndexArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendArg {
+    /// CUDA when a usable GPU is found, else the CPU (the report says why).
     Auto,
     Cpu,
+    /// CUDA, or an error.
     Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum MethodArg {
+    /// Cached base spectrum + Brand update: fast, the default.
     Brand,
+    /// Thin SVD of the base and the adapted weight in f64: the slow reference.
     Dense,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Format {
+    /// A table for people.
     Text,
+    /// The report's fixed JSON schema.
     Json,
 }
 
@@ -241,6 +264,13 @@ enum FailOn {
 }
 
 fn main() -> ExitCode {
+    // A closed stdout or stderr (`scan … | head -2`) ends the process quietly, as for any
+    // filter, instead of a panic in println!.
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Scan(a) => scan(a),
@@ -287,11 +317,11 @@ fn config(c: &Common) -> Config {
 }
 
 fn scan(a: ScanArgs) -> Result<ExitCode, Error> {
+    if let Some(path) = &a.metrics_file {
+        replaceable(path, "--metrics-file")?;
+    }
     let policy = match &a.policy {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-            Policy::parse(&text).map_err(|e| e.context(p.display()))?
-        }
+        Some(p) => Policy::load(p, &intruder_gate::limits::Limits::default())?,
         None => Policy::default(),
     };
     let cfg = Config {
@@ -310,8 +340,10 @@ fn scan(a: ScanArgs) -> Result<ExitCode, Error> {
         return outcome;
     };
     let text = gate.metrics().render();
-    match intruder_gate::safetensors_file::write_atomically(path, |f| f.write_all(text.as_bytes()))
-    {
+    let written = replaceable(path, "--metrics-file").and_then(|()| {
+        intruder_gate::safetensors_file::write_atomically(path, |f| f.write_all(text.as_bytes()))
+    });
+    match written {
         Ok(()) => outcome,
         Err(e) if outcome.is_ok() => Err(e),
         // The scan's own error is the one to exit with.
@@ -320,6 +352,69 @@ fn scan(a: ScanArgs) -> Result<ExitCode, Error> {
             outcome
         }
     }
+}
+
+/// `path` may be replaced by a file this run writes: absent, or a regular file (not a device, a
+/// directory, a FIFO or a symlink, which an atomic rename would replace rather than write).
+fn replaceable(path: &Path, flag: &str) -> Result<(), Error> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(_) => Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{flag} {}: not a regular file; refusing to replace it",
+                path.display()
+            ),
+        )),
+    }
+}
+
+/// The clamp's output directory: never the input adapter or a directory inside it, and an
+/// existing non-empty one only with `--force`.
+fn check_out(adapter: &Path, out: &Path, force: bool) -> Result<(), Error> {
+    let bad = |why: String| Err(Error::new(ErrorKind::InvalidArgument, why));
+    let o = out.display();
+    if let (Ok(input), Some(target)) = (adapter.canonicalize(), resolved(out)) {
+        if target.starts_with(&input) {
+            return bad(format!(
+                "--out {o} is the input adapter directory or inside it; refusing to overwrite the input"
+            ));
+        }
+    }
+    match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(out, e)),
+        Ok(m) if !m.is_dir() => bad(format!("--out {o} exists and is not a directory")),
+        Ok(_) => {
+            let empty = std::fs::read_dir(out)
+                .map_err(|e| Error::io(out, e))?
+                .next()
+                .is_none();
+            if empty || force {
+                Ok(())
+            } else {
+                bad(format!(
+                    "--out {o} exists and is not empty; pass --force to replace its adapter files"
+                ))
+            }
+        }
+    }
+}
+
+/// `p` with every existing ancestor resolved (symlinks, `..`), the missing rest appended.
+fn resolved(p: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(p).ok()?;
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        rest.push(existing.file_name()?);
+        existing = existing.parent()?;
+    }
+    let mut out = existing.canonicalize().ok()?;
+    out.extend(rest.iter().rev());
+    Some(out)
 }
 
 fn screen_and_print(gate: &Gate, a: &ScanArgs) -> Result<ExitCode, Error> {
@@ -376,9 +471,13 @@ fn clamp(a: ClampArgs) -> Result<ExitCode, Error> {
         },
     };
     let dtype = a.dtype.map(DType::from);
+    // Every argument is checked before the work.
+    opts.validate()?;
+    check_out(&a.adapter, &a.out, a.force)?;
     let gate = Gate::new(cfg)?;
+    intruder_gate::clamp::check_pad_rank(a.pad_rank_to, &gate.config().limits)?;
     gate.attach_base(&a.common.base)?;
-    let adapter = load_peft_dir(&a.adapter, &gate.config().limits)?;
+    let adapter = gate.load_checked(&a.adapter)?;
     let report = gate.screen(&adapter)?;
     let clamped = intruder_gate::clamp::clamp(&gate, &adapter, &report, &opts)?;
     clamped.write_peft(&a.out, dtype, a.pad_rank_to)?;
@@ -405,8 +504,8 @@ fn clamp(a: ClampArgs) -> Result<ExitCode, Error> {
         );
     }
     println!(
-        "clamped {} directions in {} of {} modules by lambda {} ({:?}, {:?}); wrote {}",
-        clamped.clamped_directions(),
+        "clamped {} in {} of {} modules by lambda {} ({}, {}); wrote {}",
+        plural(clamped.clamped_directions(), "direction"),
         clamped
             .modules
             .iter()
@@ -414,8 +513,8 @@ fn clamp(a: ClampArgs) -> Result<ExitCode, Error> {
             .count(),
         clamped.modules.len(),
         opts.lambda,
-        opts.target,
-        opts.mode,
+        name(a.target),
+        name(a.mode),
         a.out.display()
     );
     if !a.verify {
@@ -429,6 +528,12 @@ fn clamp(a: ClampArgs) -> Result<ExitCode, Error> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// A value's spelling on the command line (`all`, `rank-preserving`).
+fn name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
 }
 
 fn report_rank(report: &Report, module: &str) -> usize {

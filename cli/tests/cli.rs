@@ -332,3 +332,265 @@ fn index_resumes_and_reports_progress() {
     );
     assert!(shown.contains("indexed 2 tensors: 0 computed, 2 already cached"));
 }
+
+// ---- defects found tried as a new user would (issue 15, item 2) ----
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// `--metrics-file` "replaced atomically" whatever it named: as root, /dev/full became a
+/// regular file. Anything but a regular file or nothing is refused, and left as it was.
+#[test]
+fn metrics_file_must_be_a_regular_file_or_absent() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 1);
+    let fifo = dir.path().join("metrics.fifo");
+    mkfifo(&fifo);
+    let target = dir.path().join("target.prom");
+    std::fs::write(&target, "# kept\n").unwrap();
+    let link = dir.path().join("metrics.link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    for path in [&fifo, &link, &dir.path().to_path_buf()] {
+        let out = scan(
+            &p.base,
+            &p.adapter,
+            &["--metrics-file", path.to_str().unwrap()],
+        );
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("not a regular file; refusing to replace it"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "# kept\n");
+    // A regular file, or none yet, is written.
+    let prom = dir.path().join("m.prom");
+    for _ in 0..2 {
+        let out = scan(
+            &p.base,
+            &p.adapter,
+            &["--metrics-file", prom.to_str().unwrap()],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(std::fs::read_to_string(&prom)
+            .unwrap()
+            .contains("intruder_gate_"));
+    }
+}
+
+fn clamp_cmd(p: &Planted, out: &Path, extra: &[&str]) -> std::process::Output {
+    cli()
+        .args(["clamp", "--no-cache", "--backend", "cpu", "--base"])
+        .arg(&p.base)
+        .arg("--adapter")
+        .arg(&p.adapter)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn dir_bytes(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// `clamp --out DIR` with DIR the input adapter replaced the input with the clamped adapter
+/// (exit 0). The input, a directory inside it, and a non-empty directory without `--force` are
+/// refused, and nothing is written.
+#[test]
+fn clamp_never_writes_over_its_input_or_a_non_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 2);
+    let before = dir_bytes(&p.adapter);
+    let dotted = p.adapter.join("..").join(p.adapter.file_name().unwrap());
+    for out in [p.adapter.clone(), dotted, p.adapter.join("clamped")] {
+        let o = clamp_cmd(&p, &out, &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("is the input adapter directory or inside it"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(dir_bytes(&p.adapter), before, "the input changed");
+    assert!(!p.adapter.join("clamped").exists());
+
+    let busy = dir.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), "mine").unwrap();
+    let o = clamp_cmd(&p, &busy, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("pass --force"), "{}", stderr(&o));
+    assert!(!busy.join("adapter_model.safetensors").exists());
+    let o = clamp_cmd(&p, &busy, &["--force"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(busy.join("adapter_model.safetensors").exists());
+    assert_eq!(
+        std::fs::read_to_string(busy.join("notes.txt")).unwrap(),
+        "mine"
+    );
+
+    // An empty directory, or a new one, is fine; the summary speaks the CLI's words.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = clamp_cmd(
+        &p,
+        &empty,
+        &["--target", "top1", "--mode", "rank-preserving"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("(top1, rank-preserving)"), "{text}");
+    let o = clamp_cmd(&p, &dir.path().join("new"), &[]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("(all, exact)") && !text.contains("All"),
+        "{text}"
+    );
+}
+
+/// `scan … 2>&1 | head -2` panicked (exit 101, broken pipe). A closed stdout/stderr now ends the
+/// process quietly, as for any filter (SIGPIPE).
+#[test]
+fn a_closed_pipe_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 1);
+    for args in [&["scan"][..], &["scan", "--format", "json"]] {
+        let mut child = cli()
+            .args(args)
+            .args(["--no-cache", "--backend", "cpu", "--base"])
+            .arg(&p.base)
+            .arg("--adapter")
+            .arg(&p.adapter)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before anything is written.
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        let status = child.wait().unwrap();
+        assert_ne!(status.code(), Some(101), "panicked: {status:?}");
+        assert!(
+            status.success() || status.signal() == Some(libc::SIGPIPE),
+            "{status:?}"
+        );
+    }
+}
+
+/// `--epsilon -1` / `--lambda -1` were taken for flags; they are values, refused by validation.
+#[test]
+fn negative_values_are_values_and_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 1);
+    let o = scan(&p.base, &p.adapter, &["--epsilon", "-1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("epsilon must be in (0, 1], got -1"),
+        "{}",
+        stderr(&o)
+    );
+    let o = clamp_cmd(&p, &dir.path().join("out"), &["--lambda", "-1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("lambda must be finite and at least 0, got -1"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("out").exists());
+}
+
+/// `--top-k`, `--epsilon`, `--backend`, `--method`, `--format`, `--target`, `--mode` had no help.
+#[test]
+fn every_option_has_help() {
+    let help = |cmd: &str| {
+        let o = cli().args([cmd, "--help"]).output().unwrap();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let (scan, clamp) = (help("scan"), help("clamp"));
+    for (text, flag) in [
+        (&scan, "--top-k"),
+        (&scan, "--epsilon"),
+        (&scan, "--backend"),
+        (&scan, "--method"),
+        (&scan, "--format"),
+        (&clamp, "--target"),
+        (&clamp, "--mode"),
+        (&clamp, "--lambda"),
+    ] {
+        // clap prints `  --flag <VALUE>` then the help on the same line or the next ones.
+        let at = text
+            .find(&format!("      {flag}"))
+            .unwrap_or_else(|| panic!("{flag}: {text}"));
+        let entry: Vec<&str> = text[at..].lines().take(2).collect();
+        let described = entry[0]
+            .split_once('>')
+            .is_some_and(|(_, h)| !h.trim().is_empty())
+            || entry
+                .get(1)
+                .is_some_and(|l| !l.trim().starts_with('-') && !l.trim().is_empty());
+        assert!(described, "{flag} has no help: {entry:?}");
+    }
+}
+
+/// "1 intruder dimensions"; and `index --include` matching nothing exited 0 silently.
+#[test]
+fn singular_counts_and_an_include_that_matches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted(
+        dir.path(),
+        &PlantedSpec::new(&[("layers.0.attn.q", 64, 64)], 4, &[1], 9),
+    );
+    let json = scan(&p.base, &p.adapter, &["--format", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["total_intruders"], 1, "the planted direction is found");
+    let text = String::from_utf8(scan(&p.base, &p.adapter, &[]).stdout).unwrap();
+    assert!(
+        text.contains("1 module, 1 with intruders, 1 intruder dimension in total"),
+        "{text}"
+    );
+
+    let o = cli()
+        .args(["index", "--backend", "cpu", "--base"])
+        .arg(&p.base)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .args(["--include", "no_such_tensor"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`no_such_tensor` matches none of the base's 1 2-D float tensors"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -105,18 +105,19 @@ fn torch_array(obj: &Bound<'_, PyAny>, what: &str, mode: Use) -> PyResult<HostAr
         }
         t = t.call_method1("to", ("cpu",))?;
     }
-    let dtype = match t.getattr("dtype")?.str()?.to_str()? {
-        "torch.float32" => DType::F32,
-        "torch.float16" => DType::F16,
-        "torch.bfloat16" => DType::BF16,
-        "torch.float64" => DType::F64,
-        other => {
-            return Err(err(
+    let dtype =
+        match t.getattr("dtype")?.str()?.to_str()? {
+            "torch.float32" => DType::F32,
+            "torch.float16" => DType::F16,
+            "torch.bfloat16" => DType::BF16,
+            "torch.float64" => DType::F64,
+            other => return Err(err(
                 ErrorKind::Unsupported,
-                format!("{what}: dtype {other} is not supported (float32, float16, bfloat16, float64)"),
-            ))
-        }
-    };
+                format!(
+                    "{what}: dtype {other} is not supported (float32, float16, bfloat16, float64)"
+                ),
+            )),
+        };
     let shape: Vec<usize> = t.getattr("shape")?.extract()?;
     let (rows, cols) = two_dims(&shape, what)?;
     if !t.call_method0("is_contiguous")?.extract::<bool>()? {

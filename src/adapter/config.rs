@@ -2,7 +2,7 @@
 
 use crate::bail;
 use crate::error::{Error, ErrorKind, Result};
-use regex::Regex;
+use regex::{RegexSet, RegexSetBuilder};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
@@ -20,6 +20,31 @@ pub struct AdapterConfig {
     pub use_dora: bool,
     pub target_modules: Option<serde_json::Value>,
     pub base_model_name_or_path: Option<String>,
+    /// The two pattern maps, compiled once when parsed.
+    matchers: Matchers,
+}
+
+/// Most keys accepted in each of `rank_pattern` and `alpha_pattern`. Per-layer keys for every
+/// module of an 80-layer model are 560; lookups and compilation grow with the count.
+pub const MAX_PATTERN_KEYS: usize = 4096;
+
+/// Bound on the compiled size of each pattern map (all its keys together), which bounds the
+/// time compiling and matching them can take, whatever the keys.
+const PATTERN_SIZE_LIMIT: usize = 8 << 20;
+
+/// The keys of one pattern map as one regex set: indices follow JSON order, so the lowest index
+/// that matches is PEFT's first match.
+#[derive(Debug, Clone)]
+struct Matchers {
+    rank: RegexSet,
+    alpha: RegexSet,
+}
+
+/// Built from the keys, which [`AdapterConfig`] compares already.
+impl PartialEq for Matchers {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The file as written; `null` and absence mean the same for every optional field.
@@ -65,43 +90,36 @@ impl AdapterConfig {
                 "adapter config has r = 0; a LoRA rank must be at least 1"
             );
         }
-        // Reject bad patterns here so rank_for/alpha_for cannot meet one later.
-        for key in raw
-            .rank_pattern
-            .iter()
-            .map(|(k, _)| k)
-            .chain(raw.alpha_pattern.iter().map(|(k, _)| k))
-        {
-            if let Err(e) = pattern(key) {
-                bail!(
-                    Format,
-                    "adapter config pattern {key:?} is not a valid regex: {e}"
-                );
-            }
-        }
-        if let Some((k, _)) = raw.rank_pattern.iter().find(|(_, v)| *v == 0) {
+        let rank_pattern = python_dict(raw.rank_pattern);
+        let alpha_pattern = python_dict(raw.alpha_pattern);
+        let matchers = Matchers {
+            rank: compile("rank_pattern", &rank_pattern)?,
+            alpha: compile("alpha_pattern", &alpha_pattern)?,
+        };
+        if let Some((k, _)) = rank_pattern.iter().find(|(_, v)| *v == 0) {
             bail!(Format, "adapter config rank_pattern {k:?} sets rank 0");
         }
         Ok(AdapterConfig {
             r,
             lora_alpha,
             use_rslora: raw.use_rslora.unwrap_or(false),
-            rank_pattern: raw.rank_pattern,
-            alpha_pattern: raw.alpha_pattern,
+            rank_pattern,
+            alpha_pattern,
             fan_in_fan_out: raw.fan_in_fan_out.unwrap_or(false),
             use_dora: raw.use_dora.unwrap_or(false),
             target_modules: raw.target_modules,
             base_model_name_or_path: raw.base_model_name_or_path,
+            matchers,
         })
     }
 
     /// PEFT rule: the first pattern key such that `module` full-matches `(.*\.)?(KEY)$`, else r.
     pub fn rank_for(&self, module: &str) -> usize {
-        first_match(&self.rank_pattern, module).unwrap_or(self.r)
+        first_match(&self.matchers.rank, &self.rank_pattern, module).unwrap_or(self.r)
     }
 
     pub fn alpha_for(&self, module: &str) -> f64 {
-        first_match(&self.alpha_pattern, module).unwrap_or(self.lora_alpha)
+        first_match(&self.matchers.alpha, &self.alpha_pattern, module).unwrap_or(self.lora_alpha)
     }
 
     /// alpha/r, or alpha/√r with rsLoRA, using the module's own r and alpha.
@@ -116,20 +134,65 @@ impl AdapterConfig {
     }
 }
 
-fn pattern(key: &str) -> std::result::Result<Regex, regex::Error> {
-    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+/// Repeated keys as Python's `json.load` leaves them (PEFT reads the file so): the first
+/// one's position, the last one's value.
+fn python_dict<T>(pairs: Vec<(String, T)>) -> Vec<(String, T)> {
+    let mut out: Vec<(String, T)> = Vec::with_capacity(pairs.len());
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (k, v) in pairs {
+        match at.get(&k) {
+            Some(&i) => out[i].1 = v,
+            None => {
+                at.insert(k.clone(), out.len());
+                out.push((k, v));
+            }
+        }
+    }
+    out
 }
 
-fn first_match<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
-    patterns
-        .iter()
-        .find(|(key, _)| pattern(key).is_ok_and(|re| re.is_match(module)))
-        .map(|&(_, v)| v)
+/// PEFT's rule for each key, `re.match(rf"(.*\.)?({key})$", module)`: the key matches the
+/// whole of `module` or of a suffix of it that starts after a `.`. Compiled as `^(?:KEY)$`, all
+/// keys in one set, and tried on each such suffix (see [`first_match`]): the shared `(.*\.)?`
+/// prefix, Unicode-aware, would cost more to compile than the keys themselves.
+fn compile<T>(field: &str, pairs: &[(String, T)]) -> Result<RegexSet> {
+    if pairs.len() > MAX_PATTERN_KEYS {
+        bail!(
+            Limit,
+            "adapter config {field} has {} keys, over the limit of {MAX_PATTERN_KEYS}",
+            pairs.len()
+        );
+    }
+    RegexSetBuilder::new(pairs.iter().map(|(k, _)| format!("^(?:{k})$")))
+        .size_limit(PATTERN_SIZE_LIMIT)
+        .dfa_size_limit(PATTERN_SIZE_LIMIT)
+        .build()
+        .map_err(|e| match e {
+            // The message quotes the offending key.
+            regex::Error::Syntax(why) => Error::new(
+                ErrorKind::Format,
+                format!("adapter config {field} has a key that is not a valid regex: {why}"),
+            ),
+            e => Error::new(
+                ErrorKind::Limit,
+                format!("adapter config {field} is too complex to match: {e}"),
+            ),
+        })
 }
 
-/// A JSON object (or null) as key/value pairs in file order, which serde_json's default map
-/// would sort.
-fn ordered<'de, D, T>(d: D) -> std::result::Result<Vec<(String, T)>, D::Error>
+/// The value of the first key (in JSON order) that matches `module` by PEFT's rule.
+fn first_match<T: Copy>(set: &RegexSet, patterns: &[(String, T)], module: &str) -> Option<T> {
+    let starts = std::iter::once(0).chain(module.match_indices('.').map(|(i, _)| i + 1));
+    // Set indices are JSON order: the smallest over every suffix is the first key that matches.
+    let i = starts
+        .filter_map(|p| set.matches(&module[p..]).into_iter().next())
+        .min()?;
+    Some(patterns[i].1)
+}
+
+/// A JSON object (or null) as key/value pairs in file order, repeated keys kept, which
+/// serde_json's default map would sort and merge.
+pub(crate) fn ordered<'de, D, T>(d: D) -> std::result::Result<Vec<(String, T)>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,

@@ -5,12 +5,10 @@ use super::{Adapter, AdapterConfig, LoraModule};
 use crate::bail;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::safetensors_file::SafetensorsFile;
-use crate::tensor::TensorRef;
+use crate::safetensors_file::{read_text, SafetensorsFile};
 use regex::Regex;
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
 const CONFIG: &str = "adapter_config.json";
@@ -18,65 +16,134 @@ const WEIGHTS: &str = "adapter_model.safetensors";
 const PICKLE: &str = "adapter_model.bin";
 const PREFIX: &str = "base_model.model.";
 
-pub fn load_peft_dir(dir: &Path, limits: &Limits) -> Result<Adapter> {
-    let d = dir.display();
-    let weights_path = dir.join(WEIGHTS);
-    if !weights_path.is_file() {
-        if dir.join(PICKLE).is_file() {
-            bail!(
+impl PeftDir {
+    /// Reads `adapter_config.json` and the weights' header, and checks every LoRA pair's dtype,
+    /// shape and rank against each other, the config and `limits`.
+    pub fn open(dir: &Path, limits: &Limits) -> Result<PeftDir> {
+        let d = dir.display();
+        match std::fs::metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!(Io, "{d}: no such directory")
+            }
+            Err(e) => return Err(Error::io(dir, e)),
+            Ok(m) if !m.is_dir() => bail!(
+                Io,
+                "{d}: expected a PEFT directory ({CONFIG} + {WEIGHTS}), got a file"
+            ),
+            Ok(_) => {}
+        }
+        let weights_path = dir.join(WEIGHTS);
+        // `exists`, not `is_file`: a weights path that is there but not a regular file (a FIFO, a
+        // directory) is refused by name when opened, not reported missing.
+        if !weights_path.exists() {
+            if dir.join(PICKLE).is_file() {
+                bail!(
                 Unsupported,
                 "{d}: only {PICKLE} is present; pickle weights are refused: they can execute code on load; convert to safetensors"
             );
+            }
+            bail!(
+                Io,
+                "{d}: {WEIGHTS} is missing (a PEFT adapter directory holds {CONFIG} and {WEIGHTS})"
+            );
         }
-        bail!(Io, "{d}: {WEIGHTS} is missing");
+        let config = read_config(&dir.join(CONFIG), limits)?;
+        let file = SafetensorsFile::open(&weights_path, limits)?;
+        let (pairs, not_screened) =
+            lora_pairs(&file).map_err(|e| e.context(weights_path.display()))?;
+        if config.use_dora {
+            bail!(
+                Unsupported,
+                "{d}: DoRA adapters are not supported: {CONFIG} sets use_dora"
+            );
+        }
+        let modules = pairs
+            .into_iter()
+            .map(|(name, (a_key, b_key))| {
+                module_shape(&file, name, a_key, b_key, &config, limits)
+                    .map_err(|e| e.context(weights_path.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PeftDir {
+            dir: dir.to_path_buf(),
+            config,
+            file,
+            modules,
+            not_screened,
+        })
     }
-    let config = read_config(&dir.join(CONFIG), limits)?;
-    let file = SafetensorsFile::open(&weights_path, limits)?;
-    let (pairs, not_screened) = lora_pairs(&file).map_err(|e| e.context(weights_path.display()))?;
-    if config.use_dora {
-        bail!(
-            Unsupported,
-            "{d}: DoRA adapters are not supported: {CONFIG} sets use_dora"
-        );
+}
+
+/// Loads a PEFT `save_pretrained` directory: [`PeftDir::open`], then [`PeftDir::load`].
+pub fn load_peft_dir(dir: &Path, limits: &Limits) -> Result<Adapter> {
+    PeftDir::open(dir, limits)?.load(limits)
+}
+
+/// A PEFT directory checked from its config and its safetensors header alone: names, dtypes,
+/// shapes and ranks, with nothing of a declared size read yet. A caller compares the shapes with
+/// its base before [`PeftDir::load`] reads the weights, so an adapter declaring tensors far
+/// larger than the base (a sparse file of a few KB) is refused without being materialised.
+pub struct PeftDir {
+    dir: PathBuf,
+    config: AdapterConfig,
+    file: SafetensorsFile,
+    modules: Vec<ModuleShape>,
+    not_screened: Vec<String>,
+}
+
+/// One LoRA pair as its header declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleShape {
+    /// Module path, `base_model.model.` stripped.
+    pub name: String,
+    pub rank: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    a_key: String,
+    b_key: String,
+}
+
+impl PeftDir {
+    /// The modules, sorted by name.
+    pub fn modules(&self) -> &[ModuleShape] {
+        &self.modules
     }
-    let mut modules = Vec::with_capacity(pairs.len());
-    for (module, (a_key, b_key)) in &pairs {
-        let m = load_module(&file, module, a_key, b_key, &config, limits)
-            .map_err(|e| e.context(weights_path.display()))?;
-        modules.push(m);
+
+    pub fn config(&self) -> &AdapterConfig {
+        &self.config
     }
-    let adapter = Adapter {
-        name: dir
-            .file_name()
-            .map_or_else(|| d.to_string(), |n| n.to_string_lossy().into_owned()),
-        path: Some(dir.to_path_buf()),
-        fan_in_fan_out: config.fan_in_fan_out,
-        config: Some(config),
-        modules,
-        not_screened,
-    };
-    adapter.validate(limits)
+
+    /// Reads the weights: finiteness, conversion to f32, and the checks of
+    /// [`Adapter::from_modules`].
+    pub fn load(self, limits: &Limits) -> Result<Adapter> {
+        let d = self.dir.display();
+        let weights_path = self.dir.join(WEIGHTS);
+        let modules = self
+            .modules
+            .iter()
+            .map(|m| {
+                load_module(&self.file, m, &self.config)
+                    .map_err(|e| e.context(weights_path.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let adapter = Adapter {
+            name: self
+                .dir
+                .file_name()
+                .map_or_else(|| d.to_string(), |n| n.to_string_lossy().into_owned()),
+            path: Some(self.dir.clone()),
+            fan_in_fan_out: self.config.fan_in_fan_out,
+            config: Some(self.config),
+            modules,
+            not_screened: self.not_screened,
+        };
+        adapter.validate(limits)
+    }
 }
 
 fn read_config(path: &Path, limits: &Limits) -> Result<AdapterConfig> {
-    let p = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.len() > limits.max_config_bytes {
-        bail!(
-            Limit,
-            "{p}: {} bytes is over the limit of {} (max_config_bytes)",
-            meta.len(),
-            limits.max_config_bytes
-        );
-    }
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .map_err(|e| Error::io(path, e))?
-        // The file may grow after the size check; never read more than the limit.
-        .take(limits.max_config_bytes)
-        .read_to_string(&mut text)
-        .map_err(|e| Error::io(path, e))?;
-    AdapterConfig::parse(&text).map_err(|e| e.context(p))
+    let text = read_text(path, limits.max_config_bytes, "max_config_bytes")?;
+    AdapterConfig::parse(&text).map_err(|e| e.context(path.display()))
 }
 
 /// A PEFT module path and the keys of its lora_A and lora_B.
@@ -132,25 +199,25 @@ fn split_lora_key(path: &str) -> Option<(&str, usize)> {
     Some((caps.get(1)?.as_str(), side))
 }
 
-fn load_module(
+/// Shapes and ranks of one pair, from the header.
+fn module_shape(
     file: &SafetensorsFile,
-    module: &str,
-    a_key: &str,
-    b_key: &str,
+    name: String,
+    a_key: String,
+    b_key: String,
     config: &AdapterConfig,
     limits: &Limits,
-) -> Result<LoraModule> {
-    let a = tensor(file, a_key)?;
-    let b = tensor(file, b_key)?;
-    if a.rows != b.cols {
+) -> Result<ModuleShape> {
+    let module = &name;
+    let [a_rows, a_cols] = matrix_shape(file, &a_key)?;
+    let [b_rows, b_cols] = matrix_shape(file, &b_key)?;
+    if a_rows != b_cols {
         bail!(
             Shape,
-            "module {module}: {a_key} has rank {} (rows) but {b_key} has rank {} (columns)",
-            a.rows,
-            b.cols
+            "module {module}: {a_key} has rank {a_rows} (rows) but {b_key} has rank {b_cols} (columns)"
         );
     }
-    let rank = a.rows;
+    let rank = a_rows;
     if rank == 0 {
         bail!(Shape, "module {module}: rank 0 tensors");
     }
@@ -168,7 +235,24 @@ fn load_module(
             limits.max_rank
         );
     }
-    for (key, t) in [(a_key, &a), (b_key, &b)] {
+    Ok(ModuleShape {
+        name,
+        rank,
+        in_features: a_cols,
+        out_features: b_rows,
+        a_key,
+        b_key,
+    })
+}
+
+fn load_module(
+    file: &SafetensorsFile,
+    m: &ModuleShape,
+    config: &AdapterConfig,
+) -> Result<LoraModule> {
+    let a = file.matrix(&m.a_key)?;
+    let b = file.matrix(&m.b_key)?;
+    for (key, t) in [(&m.a_key, &a), (&m.b_key, &b)] {
         if let Some((row, col)) = t.first_non_finite() {
             bail!(
                 NonFinite,
@@ -177,21 +261,22 @@ fn load_module(
         }
     }
     Ok(LoraModule {
-        name: module.to_string(),
-        rank,
-        in_features: a.cols,
-        out_features: b.rows,
+        name: m.name.clone(),
+        rank: m.rank,
+        in_features: m.in_features,
+        out_features: m.out_features,
         a: a.to_f32(),
         b: b.to_f32(),
-        alpha: config.alpha_for(module),
-        scale: config.scale_for(module),
+        alpha: config.alpha_for(&m.name),
+        scale: config.scale_for(&m.name),
         // Mixed A/B dtypes are legal; A's stands for the pair.
         dtype: a.dtype,
     })
 }
 
-/// A 2-D float tensor, with the errors phrased for adapter weights.
-fn tensor<'a>(file: &'a SafetensorsFile, key: &str) -> Result<TensorRef<'a>> {
+/// `[rows, cols]` of a 2-D float tensor, from the header, with the errors phrased for adapter
+/// weights.
+fn matrix_shape(file: &SafetensorsFile, key: &str) -> Result<[usize; 2]> {
     let info = file.info(key).expect("key comes from this file");
     if info.dtype.is_none() {
         bail!(
@@ -200,14 +285,14 @@ fn tensor<'a>(file: &'a SafetensorsFile, key: &str) -> Result<TensorRef<'a>> {
             info.dtype_name
         );
     }
-    if info.shape.len() != 2 {
-        bail!(
+    match *info.shape.as_slice() {
+        [rows, cols] => Ok([rows, cols]),
+        _ => bail!(
             Shape,
             "{key} has shape {:?}; LoRA weights must be 2-D",
             info.shape
-        );
+        ),
     }
-    file.matrix(key)
 }
 
 #[cfg(test)]

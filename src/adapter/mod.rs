@@ -6,7 +6,7 @@ mod load;
 mod write;
 
 pub use config::AdapterConfig;
-pub use load::load_peft_dir;
+pub use load::{load_peft_dir, ModuleShape, PeftDir};
 pub use write::{write_peft_dir, TOOL};
 
 use crate::bail;
@@ -155,6 +155,17 @@ pub fn validate_module(m: &LoraModule, limits: &Limits) -> Result<()> {
             "module {name}: alpha {} and scale {} must be finite",
             m.alpha,
             m.scale
+        );
+    }
+    // ‖s·B·A‖_F ≤ |s|·‖B‖_F·‖A‖_F, in f64 so the bound itself cannot overflow first.
+    let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    let bound = m.scale.abs() * norm(&m.a) * norm(&m.b);
+    if bound.is_nan() || bound > limits.max_norm {
+        bail!(
+            Limit,
+            "module {name}: the update scale·B·A (scale {}) may reach a norm of {bound:.3e}, over the limit of {:e} (max_norm): values this large overflow the screen's f32 arithmetic",
+            m.scale,
+            limits.max_norm
         );
     }
     Ok(())

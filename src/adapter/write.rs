@@ -52,7 +52,8 @@ pub fn write_peft_dir(
     };
     let mut config = match source.map(|d| d.join(CONFIG)) {
         Some(p) if p.is_file() => {
-            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            let max = crate::limits::Limits::default().max_config_bytes;
+            let text = crate::safetensors_file::read_text(&p, max, "max_config_bytes")?;
             match serde_json::from_str(&text) {
                 Ok(serde_json::Value::Object(o)) => o,
                 _ => bail!(Format, "{}: not a JSON object", p.display()),

@@ -6,17 +6,19 @@ pub mod mapping;
 use crate::bail;
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::Limits;
-use crate::safetensors_file::SafetensorsFile;
+use crate::safetensors_file::{read_text, SafetensorsFile};
 use crate::tensor::TensorRef;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 pub use mapping::map_modules;
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
 const SINGLE_FILE: &str = "model.safetensors";
+/// What marks a PEFT adapter directory, given where a model was expected.
+const ADAPTER_CONFIG: &str = "adapter_config.json";
+const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 #[derive(Debug)]
 pub struct BaseModel {
@@ -51,6 +53,16 @@ impl BaseModel {
             if p.extension().is_some_and(|x| x == "safetensors") && p.is_file() {
                 shards.push(p);
             }
+        }
+        // An adapter directory holds one *.safetensors file too: say what it is instead of
+        // screening the adapter against itself.
+        let adapter_weights = path.join(ADAPTER_WEIGHTS);
+        if path.join(ADAPTER_CONFIG).is_file() && shards.iter().all(|p| *p == adapter_weights) {
+            bail!(
+                Io,
+                "{}: this looks like a PEFT adapter directory ({ADAPTER_CONFIG}), not a model: give it as the adapter, and the model it was trained on as the base",
+                path.display()
+            );
         }
         if shards.is_empty() {
             bail!(
@@ -92,19 +104,8 @@ impl BaseModel {
 
     fn open_sharded(dir: &Path, index_path: &Path, limits: &Limits) -> Result<Self> {
         let ip = index_path.display();
-        let file = std::fs::File::open(index_path).map_err(|e| Error::io(index_path, e))?;
         // Index files are JSON headers in all but name; bound them the same way.
-        let mut text = String::new();
-        file.take(limits.max_header_bytes + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| Error::new(ErrorKind::Format, format!("{ip}: not UTF-8 text: {e}")))?;
-        if text.len() as u64 > limits.max_header_bytes {
-            bail!(
-                Limit,
-                "{ip}: index is over the limit of {} bytes (max_header_bytes)",
-                limits.max_header_bytes
-            );
-        }
+        let text = read_text(index_path, limits.max_header_bytes, "max_header_bytes")?;
         let index: Index = serde_json::from_str(&text).map_err(|e| {
             Error::new(
                 ErrorKind::Format,

@@ -146,6 +146,8 @@ impl ClampedAdapter {
     /// The adapter as it would be written: factors rounded to `dtype` and, with `pad_rank_to`,
     /// padded with zero rows of A / columns of B (which change nothing) to that rank.
     pub fn to_adapter(&self, dtype: DType, pad_rank_to: Option<usize>) -> Result<Adapter> {
+        let limits = crate::limits::Limits::default();
+        check_pad_rank(pad_rank_to, &limits)?;
         let modules = self
             .modules
             .iter()
@@ -180,8 +182,7 @@ impl ClampedAdapter {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut adapter =
-            Adapter::from_modules(&self.name, modules, &crate::limits::Limits::default())?;
+        let mut adapter = Adapter::from_modules(&self.name, modules, &limits)?;
         adapter.fan_in_fan_out = self.fan_in_fan_out;
         Ok(adapter)
     }
@@ -246,6 +247,19 @@ impl ClampedAdapter {
             *o = w + d;
         }
         Ok(())
+    }
+}
+
+/// A padded rank must be within the rank limit, checked before padded factors of that size are
+/// allocated (a rank of 2^40 would abort the process on allocation).
+pub fn check_pad_rank(pad_rank_to: Option<usize>, limits: &crate::limits::Limits) -> Result<()> {
+    match pad_rank_to {
+        Some(n) if n > limits.max_rank => crate::bail!(
+            Limit,
+            "pad_rank_to {n} is over the rank limit of {} (max_rank)",
+            limits.max_rank
+        ),
+        _ => Ok(()),
     }
 }
 

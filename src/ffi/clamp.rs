@@ -6,7 +6,8 @@ use super::{
     arg, ffi_try, ig_adapter, ig_gate, ig_report, ig_status, into_handle, out_arg, Failure,
     IG_STATUS_INVALID_ARGUMENT,
 };
-use crate::clamp::{ClampMode, ClampOptions, Target};
+use crate::clamp::{check_pad_rank, ClampMode, ClampOptions, Target};
+use crate::limits::Limits;
 
 /// Which intruders of each module `ig_gate_clamp` scales.
 pub type ig_clamp_target = u32;
@@ -43,7 +44,8 @@ fn invalid(message: String) -> Failure {
 /// `r` must come from a screening on this gate (`ig_gate_screen` or `ig_gate_screen_adapter`)
 /// that succeeded. IG_STATUS_INVALID_ARGUMENT for a NULL pointer, a bad `lambda`, an unknown
 /// `target` or `mode`, a report from another gate or from a failed screening (a `reject` report
-/// carrying the error), or a `pad_rank_to` below a module's clamped rank. On failure nothing is
+/// carrying the error), or a `pad_rank_to` below a module's clamped rank; IG_STATUS_LIMIT for a
+/// `pad_rank_to` over the rank limit (4096). On failure nothing is
 /// written and nothing changes. Costs about one screening (base spectra come from the cache);
 /// safe to call from many threads at once, like screening.
 ///
@@ -77,6 +79,9 @@ pub unsafe extern "C" fn ig_gate_clamp(
             },
         };
         opts.validate()?;
+        let pad = (pad_rank_to > 0).then_some(pad_rank_to);
+        // Before the clamp's work, and before anything of that size is allocated.
+        check_pad_rank(pad, &Limits::default())?;
         if r.gate != g.id {
             return Err(invalid(
                 "the report was screened on another gate; clamp on the gate that screened it"
@@ -90,8 +95,7 @@ pub unsafe extern "C" fn ig_gate_clamp(
             ))
         })?;
         let clamped = crate::clamp::clamp(&g.gate, adapter, &r.report, &opts)?;
-        let modules =
-            clamped.to_adapter(clamped.dtype, (pad_rank_to > 0).then_some(pad_rank_to))?;
+        let modules = clamped.to_adapter(clamped.dtype, pad)?;
         *out = into_handle(ig_adapter::from_adapter(
             modules,
             clamped.source.clone(),

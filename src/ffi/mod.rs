@@ -37,7 +37,7 @@ pub const IG_STATUS_IO: ig_status = 2;
 pub const IG_STATUS_FORMAT: ig_status = 3;
 /// Tensor shapes do not fit together (B·A vs the base tensor, rank 0, …).
 pub const IG_STATUS_SHAPE: ig_status = 4;
-/// NaN or Inf in an adapter tensor or scale.
+/// NaN or Inf in an adapter tensor or scale, or in a base tensor.
 pub const IG_STATUS_NON_FINITE: ig_status = 5;
 /// Valid input refused on purpose (pickle weights, integer dtypes, …).
 pub const IG_STATUS_UNSUPPORTED: ig_status = 6;
@@ -221,9 +221,9 @@ pub extern "C" fn ig_status_str(status: ig_status) -> *const c_char {
 }
 
 /// Copies this thread's last error message into `buf` (at most `cap` bytes, always
-/// NUL-terminated when `cap > 0`, truncated when short at a UTF-8
-/// character boundary, so the copy is always valid UTF-8) and returns the size needed including
-/// the NUL. `buf` may be NULL when `cap` is 0, to ask for the size. Empty ("") when no call on
+/// NUL-terminated when `cap > 0`) and returns the size needed for the whole message including
+/// the NUL. When `cap` is short the message is cut at a UTF-8 character boundary, so what `buf`
+/// holds is always valid UTF-8 (it may then use fewer than `cap - 1` bytes). `buf` may be NULL when `cap` is 0, to ask for the size. Empty ("") when no call on
 /// this thread has failed yet. Successful calls do not clear it.
 ///
 /// # Safety
@@ -267,8 +267,8 @@ pub(crate) unsafe fn text_out(
     Ok(())
 }
 
-/// Writes `text` and a NUL into `buf[..cap]`, truncating to fit at a character boundary, so
-/// the copy is always valid UTF-8. `cap > 0`.
+/// Writes `text` and a NUL into `buf[..cap]`, cut at the last character boundary that fits.
+/// `cap > 0`.
 ///
 /// # Safety
 /// `buf` points to at least `cap` writable bytes.

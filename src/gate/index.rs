@@ -23,6 +23,13 @@ impl Gate {
             .into_iter()
             .filter(|n| include.is_none_or(|re| re.is_match(n)))
             .collect();
+        if let (Some(re), true) = (include, names.is_empty()) {
+            crate::bail!(
+                InvalidArgument,
+                "the include pattern `{re}` matches none of the base's {} 2-D float tensors",
+                base.names().len()
+            );
+        }
         let total = names.len();
         let done = std::sync::atomic::AtomicUsize::new(0);
         let sources: Result<Vec<Source>> = self.pool.install(|| {
@@ -30,8 +37,10 @@ impl Gate {
                 .par_iter()
                 .map(|name| {
                     let w0 = base.matrix(name)?;
-                    let (_, source, warning) = self.base_spectrum(&base, name, &w0)?;
-                    if let Some(w) = warning {
+                    let fetched = self.base_spectrum(&base, name, &w0)?;
+                    let source = fetched.source;
+                    // Indexing fills the disk cache: an entry not written fails it.
+                    if let Some(w) = fetched.not_written {
                         crate::bail!(Io, "{w}");
                     }
                     progress(&IndexProgress {

@@ -9,7 +9,7 @@ use crate::backend::Spectrum;
 use crate::error::Result;
 use crate::report::{classify, Method, ModuleReport};
 use crate::spectrum::brand::{self, BrandSolution, Update};
-use crate::spectrum::cache::Source;
+use crate::spectrum::cache::{Fetched, Source};
 use crate::spectrum::params::SolverParams;
 use crate::spectrum::{dense, Solver};
 use crate::tensor::TensorRef;
@@ -66,6 +66,7 @@ impl Gate {
         let t = Instant::now();
         let (sigma, max_cos, outside, solver, source, warning) = match self.config.method {
             Method::Dense => {
+                check_base_values(&job.base_tensor, &job.w0, &self.config.limits)?;
                 let w0 = oriented_f64(&job.w0, job.transposed);
                 let (out, inn) = (lora.out_features, lora.in_features);
                 let w1 =
@@ -140,8 +141,13 @@ impl Gate {
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<Solved> {
         let t = Instant::now();
-        let (spectrum, source, warning) =
-            self.base_spectrum(job.base, &job.base_tensor, &job.w0)?;
+        let fetched = self.base_spectrum(job.base, &job.base_tensor, &job.w0)?;
+        let (spectrum, source) = (fetched.spectrum, fetched.source);
+        let warning = [fetched.rebuilt, fetched.not_written]
+            .into_iter()
+            .flatten()
+            .map(|w| format!("base tensor `{}`: {w}", job.base_tensor))
+            .reduce(|a, b| format!("{a}; {b}"));
         timings.insert("base_spectrum".into(), ms(t));
         let base = if job.transposed {
             Arc::new(transpose_spectrum(&spectrum))
@@ -226,21 +232,23 @@ impl Gate {
         base: &BaseSet,
         name: &str,
         w0: &TensorRef<'_>,
-    ) -> Result<(Arc<Spectrum>, Source, Option<String>)> {
+    ) -> Result<Fetched> {
         let key = self.key(name, w0);
         let started = Instant::now();
-        let computed = self.cache.get_or_compute(&key, || {
+        let computed = self.cache.get_or_compute(&key, w0, || {
+            check_base_values(name, w0, &self.config.limits)?;
             self.off_pool(|| self.backend.thin_svd(&w0.to_f32(), w0.rows, w0.cols))
         });
         // Fingerprinting and computing read the whole tensor; its pages need not stay resident.
         base.release(name);
-        let (s, source, warning) = computed?;
+        let fetched = computed?;
+        let source = fetched.source;
         self.metrics.record_cache(source);
         if matches!(source, Source::Computed | Source::RebuiltCorrupt) {
             self.metrics
                 .record_spectrum_compute(started.elapsed().as_secs_f64());
         }
-        Ok((s, source, warning))
+        Ok(fetched)
     }
 
     /// Runs `f` (a base-spectrum computation, called while holding that spectrum's cache flight)
@@ -279,4 +287,18 @@ fn transpose_spectrum(s: &Spectrum) -> Spectrum {
         s: s.s.clone(),
         v: s.u.clone(),
     }
+}
+
+/// A NaN or Inf in a base tensor is named (the SVD would only fail to converge), and finite
+/// values too large for the f32 arithmetic are refused (they give zeros and NaN, not an error).
+fn check_base_values(name: &str, w0: &TensorRef<'_>, limits: &crate::limits::Limits) -> Result<()> {
+    let norm = w0.checked_norm(&format!("base tensor `{name}`"))?;
+    if norm > limits.max_norm {
+        crate::bail!(
+            Limit,
+            "base tensor `{name}` has a Frobenius norm of {norm:.3e}, over the limit of {:e} (max_norm): values this large overflow the screen's f32 arithmetic",
+            limits.max_norm
+        );
+    }
+    Ok(())
 }

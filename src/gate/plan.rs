@@ -20,36 +20,56 @@ pub(super) struct Job<'a> {
 impl Gate {
     /// Maps every module to its base tensor and checks shapes, before any maths.
     pub(super) fn plan<'a>(&self, base: &'a BaseSet, adapter: &'a Adapter) -> Result<Vec<Job<'a>>> {
-        let names: Vec<&str> = adapter.modules.iter().map(|m| m.name.as_str()).collect();
-        let targets = mapping::map_modules(&names, &base.names())?;
+        let shapes: Vec<_> = adapter
+            .modules
+            .iter()
+            .map(|m| (m.name.as_str(), m.out_features, m.in_features))
+            .collect();
+        let targets = Self::map_checked(base, &shapes, adapter.fan_in_fan_out)?;
         let mut jobs = Vec::with_capacity(targets.len());
         for (lora, base_tensor) in adapter.modules.iter().zip(targets) {
-            let w0 = base.matrix(&base_tensor)?;
-            let transposed = adapter.fan_in_fan_out;
+            jobs.push(Job {
+                base,
+                lora,
+                w0: base.matrix(&base_tensor)?,
+                base_tensor,
+                transposed: adapter.fan_in_fan_out,
+            });
+        }
+        jobs.sort_by(|a, b| a.base_tensor.cmp(&b.base_tensor));
+        Ok(jobs)
+    }
+
+    /// The base tensor of each `(module, out_features, in_features)`, after checking that its
+    /// shape is `[out, in]` (`[in, out]` when `transposed`, for `fan_in_fan_out`).
+    pub(super) fn map_checked(
+        base: &BaseSet,
+        modules: &[(&str, usize, usize)],
+        transposed: bool,
+    ) -> Result<Vec<String>> {
+        if base.model.is_none() && base.host.is_empty() {
+            crate::bail!(
+                InvalidArgument,
+                "no base attached: attach a base model (or base tensors) before screening"
+            );
+        }
+        let names: Vec<&str> = modules.iter().map(|m| m.0).collect();
+        let targets = mapping::map_modules(&names, &base.names())?;
+        for (&(module, out_features, in_features), base_tensor) in modules.iter().zip(&targets) {
+            let w0 = base.matrix(base_tensor)?;
             let (out, inn) = if transposed {
                 (w0.cols, w0.rows)
             } else {
                 (w0.rows, w0.cols)
             };
-            if (out, inn) != (lora.out_features, lora.in_features) {
+            if (out, inn) != (out_features, in_features) {
                 crate::bail!(
                     Shape,
-                    "module `{}`: B·A is [{}, {}] but base tensor `{base_tensor}` is [{out}, {inn}]{}",
-                    lora.name,
-                    lora.out_features,
-                    lora.in_features,
+                    "module `{module}`: B·A is [{out_features}, {in_features}] but base tensor `{base_tensor}` is [{out}, {inn}]{}",
                     if transposed { " (after fan_in_fan_out transpose)" } else { "" }
                 );
             }
-            jobs.push(Job {
-                base,
-                lora,
-                base_tensor,
-                w0,
-                transposed,
-            });
         }
-        jobs.sort_by(|a, b| a.base_tensor.cmp(&b.base_tensor));
-        Ok(jobs)
+        Ok(targets)
     }
 }

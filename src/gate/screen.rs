@@ -22,7 +22,7 @@ impl Gate {
     /// [`crate::clamp::clamp`] it); `None` when it could not be loaded and the policy rejected it.
     pub fn load_and_screen(&self, dir: &Path) -> Result<(Report, Option<Adapter>)> {
         let started = Instant::now();
-        match adapter::load_peft_dir(dir, &self.config.limits) {
+        match self.load_checked(dir) {
             Ok(a) => Ok((self.screen(&a)?, Some(a))),
             Err(e) => {
                 let name = dir
@@ -32,6 +32,25 @@ impl Gate {
                 Ok((self.finish(&name, Err(e), started)?, None))
             }
         }
+    }
+
+    /// Loads a PEFT directory whose modules' shapes, read from its header alone, fit their base
+    /// tensors: an adapter declaring tensors far larger than its base is refused before any of
+    /// them is read.
+    pub fn load_checked(&self, dir: &Path) -> Result<Adapter> {
+        let limits = &self.config.limits;
+        let peft = adapter::PeftDir::open(dir, limits)?;
+        // No module at all is the loader's error to give.
+        if !peft.modules().is_empty() {
+            let shapes: Vec<_> = peft
+                .modules()
+                .iter()
+                .map(|m| (m.name.as_str(), m.out_features, m.in_features))
+                .collect();
+            let base = self.base.read();
+            Self::map_checked(&base, &shapes, peft.config().fan_in_fan_out)?;
+        }
+        peft.load(limits)
     }
 
     /// Screens an adapter already in memory.

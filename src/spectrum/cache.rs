@@ -76,7 +76,8 @@ pub enum Source {
     MemoryHit,
     DiskHit,
     Computed,
-    /// A cache file existed but was corrupt, truncated or mismatched: ignored and rebuilt.
+    /// A cache file existed but was corrupt, truncated, mismatched or not the SVD of its tensor
+    /// (see [`probe`]): ignored and rebuilt.
     RebuiltCorrupt,
 }
 
@@ -98,6 +99,16 @@ impl Source {
             Source::RebuiltCorrupt => "rebuilt_corrupt",
         }
     }
+}
+
+/// What [`SpectrumCache::get_or_compute`] found or made.
+pub struct Fetched {
+    pub spectrum: Arc<Spectrum>,
+    pub source: Source,
+    /// Why a disk entry was not used (corrupt, mismatched, or failing the probe), when it was not.
+    pub rebuilt: Option<String>,
+    /// Why a computed spectrum could not be written to disk: the spectrum is still good.
+    pub not_written: Option<String>,
 }
 
 /// One computation in progress: waiters block on the lock and find the result inside.
@@ -156,6 +167,9 @@ impl SpectrumCache {
         memory_bytes: usize,
         limits: Limits,
     ) -> Self {
+        if let Some(d) = &dir {
+            remove_stale_temporaries(d);
+        }
         SpectrumCache {
             dir,
             disk_dtype,
@@ -183,26 +197,34 @@ impl SpectrumCache {
                 .is_some_and(|d| d.join(key.file_name()).is_file())
     }
 
-    /// The spectrum for `key`, from memory, disk, or `compute` (once, however many threads ask).
-    /// A disk write failure is returned as a warning, not an error: the spectrum is still good.
+    /// The spectrum of `w0` (whose key is `key`), from memory, disk, or `compute` (once, however
+    /// many threads ask). An entry read from disk is used only once [`probe`] has checked it
+    /// against `w0`; one that fails any check is rebuilt, and [`Fetched::rebuilt`] says why.
     pub fn get_or_compute(
         &self,
         key: &Key,
+        w0: &TensorRef<'_>,
         compute: impl FnOnce() -> Result<Spectrum>,
-    ) -> Result<(Arc<Spectrum>, Source, Option<String>)> {
+    ) -> Result<Fetched> {
+        let hit = |spectrum, source| Fetched {
+            spectrum,
+            source,
+            rebuilt: None,
+            not_written: None,
+        };
         if let Some(s) = self.memory.lock().get(key) {
-            return Ok((s, Source::MemoryHit, None));
+            return Ok(hit(s, Source::MemoryHit));
         }
         let slot = self.in_flight.lock().entry(*key).or_default().clone();
         let mut guard = slot.lock();
         if let Some(s) = guard.as_ref() {
             // Another thread computed it while we waited.
-            return Ok((s.clone(), Source::MemoryHit, None));
+            return Ok(hit(s.clone(), Source::MemoryHit));
         }
-        let result = self.load_or_compute(key, compute);
-        if let Ok((s, _, _)) = &result {
-            *guard = Some(s.clone());
-            self.memory.lock().insert(*key, s.clone());
+        let result = self.load_or_compute(key, w0, compute);
+        if let Ok(f) = &result {
+            *guard = Some(f.spectrum.clone());
+            self.memory.lock().insert(*key, f.spectrum.clone());
         }
         drop(guard);
         self.in_flight.lock().remove(key);
@@ -212,30 +234,50 @@ impl SpectrumCache {
     fn load_or_compute(
         &self,
         key: &Key,
+        w0: &TensorRef<'_>,
         compute: impl FnOnce() -> Result<Spectrum>,
-    ) -> Result<(Arc<Spectrum>, Source, Option<String>)> {
-        let mut source = Source::Computed;
+    ) -> Result<Fetched> {
+        let mut rebuilt = None;
         if let Some(path) = self.dir.as_ref().map(|d| d.join(key.file_name())) {
             if path.exists() {
-                match self.read(&path, key) {
-                    Ok(s) => return Ok((Arc::new(s), Source::DiskHit, None)),
-                    Err(_) => source = Source::RebuiltCorrupt,
+                let checked = self
+                    .read(&path, key)
+                    .and_then(|(s, stored)| probe(&s, w0, stored).map(|()| s));
+                match checked {
+                    Ok(s) => {
+                        return Ok(Fetched {
+                            spectrum: Arc::new(s),
+                            source: Source::DiskHit,
+                            rebuilt: None,
+                            not_written: None,
+                        })
+                    }
+                    Err(e) => rebuilt = Some(format!("cache entry ignored and rebuilt: {e}")),
                 }
             }
         }
         let s = compute()?;
-        let warning = match self.dir.as_ref() {
+        let not_written = match self.dir.as_ref() {
             Some(dir) => self
                 .write(dir, key, &s)
                 .err()
                 .map(|e| format!("base spectrum not cached on disk: {e}")),
             None => None,
         };
-        Ok((Arc::new(s), source, warning))
+        Ok(Fetched {
+            spectrum: Arc::new(s),
+            source: match rebuilt {
+                Some(_) => Source::RebuiltCorrupt,
+                None => Source::Computed,
+            },
+            rebuilt,
+            not_written,
+        })
     }
 
-    /// Reads and checks a cache file: metadata, shapes, checksum, finiteness.
-    fn read(&self, path: &Path, key: &Key) -> Result<Spectrum> {
+    /// Reads and checks a cache file: metadata, shapes, checksum, finiteness. Also returns the
+    /// dtype the singular vectors were stored in.
+    fn read(&self, path: &Path, key: &Key) -> Result<(Spectrum, DType)> {
         let f = SafetensorsFile::open(path, &self.limits)?;
         let meta = f.metadata();
         for (k, v) in key.metadata() {
@@ -248,6 +290,7 @@ impl SpectrumCache {
             }
         }
         let rho = key.rows.min(key.cols);
+        let stored = f.info("u").and_then(|i| i.dtype).unwrap_or(DType::F32);
         let u = read_vectors(&f, "u", rho, key.rows)?;
         let v = read_vectors(&f, "v", rho, key.cols)?;
         let s = read_vectors(&f, "s", 1, rho)?;
@@ -257,13 +300,14 @@ impl SpectrumCache {
         if !s.windows(2).all(|w| w[0] >= w[1]) || s.iter().any(|x| *x < 0.0) {
             crate::bail!(Format, "{}: singular values not sorted", path.display());
         }
-        Ok(Spectrum {
+        let spectrum = Spectrum {
             rows: key.rows,
             cols: key.cols,
             u,
             s,
             v,
-        })
+        };
+        Ok((spectrum, stored))
     }
 
     fn write(&self, dir: &Path, key: &Key, s: &Spectrum) -> Result<()> {
@@ -306,6 +350,67 @@ impl SpectrumCache {
     }
 }
 
+/// Removes the temporary files of cache entries whose writer is gone (a process killed while
+/// writing leaves one, up to a few hundred MB), and returns how many. Only names of this cache's
+/// own temporaries (`.<entry name>.<pid>.<seq>.tmp`, see `safetensors_file::temp_sibling`) are
+/// touched, and only when both the writer's lock on the file can be taken (a live writer holds
+/// it until its rename) and the process id in the name is not alive (writers without that lock).
+/// Anything else, or any error, leaves the file alone.
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    static TEMP: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"^\.[0-9a-f]{32}-[0-9]+x[0-9]+-[a-z0-9]+\.v[0-9]+\.safetensors\.([0-9]+)\.[0-9]+\.tmp$",
+        )
+        .expect("a valid regex")
+    });
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| TEMP.captures(n))
+            .and_then(|c| c[1].parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        // Regular files only, never followed through a link.
+        if !entry.file_type().is_ok_and(|t| t.is_file()) || process_alive(pid) {
+            continue;
+        }
+        let Ok(f) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if safetensors_file::try_lock(&f) && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether process `pid` exists (ours counts). Unknown means alive.
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // SAFETY: signal 0 only checks for existence and permission; nothing is sent.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        true
+    }
+}
+
 fn read_vectors(f: &SafetensorsFile, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
     let info = f.info(name).ok_or_else(|| {
         Error::new(
@@ -335,4 +440,169 @@ fn checksum(parts: &[&[f32]]) -> String {
         h.update(bytemuck::cast_slice(p));
     }
     format!("{:016x}", h.digest())
+}
+
+/// Tolerances of [`probe`], relative, by the dtype the singular vectors were stored in. Genuine
+/// entries measured 2e-7 (96×96) to 4e-6 (2048×1024) in f32, growing with the size, and ~3e-4
+/// in f16; the forgeries of `tests/cache.rs` 5e-2 to 3.
+fn probe_tolerance(stored: DType) -> f64 {
+    match stored {
+        DType::F16 | DType::BF16 => 1e-2,
+        DType::F32 | DType::F64 => 1e-3,
+    }
+}
+
+/// Checks that a cached spectrum is an SVD of `w0`, independently of the checksum (which anyone
+/// who can write the cache directory can recompute), at the cost of a few matrix-vector products:
+/// for random sign vectors x ∈ {±1}ⁿ and y ∈ {±1}^ρ, fresh for each call,
+///
+/// - reconstruction: `‖W0·x − U0·(Σ0·(V0ᵀ·x))‖ ≤ tol·‖W0‖_F` (for such x,
+///   `E‖D·x‖² = ‖D‖²_F`, so this bounds `‖W0 − U0Σ0V0ᵀ‖_F` relative to `‖W0‖_F`);
+/// - orthonormality: `‖U0ᵀ·U0·y − y‖ ≤ tol·‖y‖` and the same for V0.
+///
+/// An entry passing both is, to `tol`, an SVD of `w0`. What it cannot see: singular directions
+/// exchanged within a part of the spectrum whose singular values are below `tol·‖W0‖_F`, which
+/// change `W0` by less than that. The signs are drawn from the process's random hash keys, so a
+/// forger cannot aim at them. Also fails on a NaN or Inf in `w0`.
+pub fn probe(s: &Spectrum, w0: &TensorRef<'_>, stored: DType) -> Result<()> {
+    let tol = probe_tolerance(stored);
+    let (m, n, rho) = (w0.rows, w0.cols, s.rank());
+    if (s.rows, s.cols) != (m, n) || s.u.len() != rho * m || s.v.len() != rho * n {
+        crate::bail!(Format, "cached spectrum does not have the tensor's shape");
+    }
+    let mut signs = Signs::new();
+    let x: Vec<f32> = (0..n).map(|_| signs.next()).collect();
+    // W0·x row by row, with ‖W0‖²_F from the same pass.
+    let mut w0x = Vec::with_capacity(m);
+    let mut norm2 = 0.0f64;
+    let row_bytes = n * w0.dtype.size();
+    for row in w0.bytes.chunks_exact(row_bytes) {
+        let r = TensorRef::new(w0.dtype, 1, n, row)?.to_f32();
+        w0x.push(dot(&r, &x));
+        norm2 += dot(&r, &r);
+    }
+    let w0_norm = norm2.sqrt();
+    if !w0_norm.is_finite() {
+        crate::bail!(NonFinite, "the base tensor holds a NaN or Inf");
+    }
+    let yu: Vec<f32> = (0..rho).map(|_| signs.next()).collect();
+    let yv: Vec<f32> = (0..rho).map(|_| signs.next()).collect();
+    // Two passes over each basis. V0: V0·yv, then V0ᵀ·x and V0ᵀ·(V0·yv) together.
+    let vy = to_f32(&combine(&s.v, n, &[&yv])[0]);
+    let (mut c, mut vtvy) = (Vec::with_capacity(rho), Vec::with_capacity(rho));
+    for (vi, &si) in s.v.chunks_exact(n).zip(&s.s) {
+        c.push((f64::from(si) * dot(vi, &x)) as f32);
+        vtvy.push(dot(vi, &vy));
+    }
+    // U0: U0·(Σ0·V0ᵀ·x) and U0·yu together, then U0ᵀ·(U0·yu).
+    let [recon, uy] = <[Vec<f64>; 2]>::try_from(combine(&s.u, m, &[&c, &yu])).expect("two");
+    let uy = to_f32(&uy);
+    let utuy: Vec<f64> = s.u.chunks_exact(m).map(|ui| dot(ui, &uy)).collect();
+
+    let residual = distance(&w0x, &recon);
+    if residual.is_nan() || residual > tol * w0_norm {
+        crate::bail!(
+            Format,
+            "cached spectrum is not an SVD of the base tensor: probe residual {:.2e} of ‖W0‖, over the tolerance {tol:.0e}",
+            residual / w0_norm
+        );
+    }
+    for (name, back, y) in [("U0", &utuy, &yu), ("V0", &vtvy, &yv)] {
+        let y64: Vec<f64> = y.iter().map(|&v| f64::from(v)).collect();
+        let err = distance(back, &y64) / (rho as f64).sqrt();
+        if err.is_nan() || err > tol {
+            crate::bail!(
+                Format,
+                "cached spectrum's {name} is not orthonormal: probe error {err:.2e}, over the tolerance {tol:.0e}"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// `Σ_i c[i]·row_i` for each coefficient vector `c`, over the rows (length `dim`) of a row-major
+/// basis, in one pass.
+fn combine(rows: &[f32], dim: usize, coeffs: &[&[f32]]) -> Vec<Vec<f64>> {
+    let mut out = vec![vec![0.0f32; dim]; coeffs.len()];
+    for (i, row) in rows.chunks_exact(dim).enumerate() {
+        for (o, c) in out.iter_mut().zip(coeffs) {
+            let ci = c[i];
+            for (o, &r) in o.iter_mut().zip(row) {
+                *o += ci * r;
+            }
+        }
+    }
+    out.into_iter()
+        .map(|o| o.into_iter().map(f64::from).collect())
+        .collect()
+}
+
+/// `a·b` with eight f32 lanes (so it vectorises) summed in f64.
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    tail + lanes.iter().map(|&l| f64::from(l)).sum::<f64>()
+}
+
+fn distance(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Random ±1, splitmix64 seeded from the process's random hash keys (std's `RandomState`).
+struct Signs {
+    state: u64,
+    bits: u64,
+    left: u32,
+}
+
+impl Signs {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Signs {
+            state: seed,
+            bits: 0,
+            left: 0,
+        }
+    }
+
+    fn next(&mut self) -> f32 {
+        if self.left == 0 {
+            self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            self.bits = z ^ (z >> 31);
+            self.left = 64;
+        }
+        self.left -= 1;
+        let bit = self.bits & 1;
+        self.bits >>= 1;
+        if bit == 1 {
+            1.0
+        } else {
+            -1.0
+        }
+    }
 }
