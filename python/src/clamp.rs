@@ -97,7 +97,12 @@ impl PyClampedAdapter {
     /// The largest module rank (what a server's `max_lora_rank` must allow).
     #[getter]
     fn rank(&self) -> usize {
-        self.factors.modules.iter().map(|m| m.rank).max().unwrap_or(0)
+        self.factors
+            .modules
+            .iter()
+            .map(|m| m.rank)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Singular directions clamped over all modules.
@@ -128,8 +133,7 @@ impl PyClampedAdapter {
     ) -> PyResult<()> {
         let dtype = dtype.map(parse_dtype).transpose()?;
         detached(py, || {
-            self.clamped
-                .write_peft(&directory, dtype, self.pad_rank_to)
+            self.clamped.write_peft(&directory, dtype, self.pad_rank_to)
         })
     }
 

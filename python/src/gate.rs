@@ -54,9 +54,7 @@ fn parse_policy(py: Python<'_>, policy: Option<&Bound<'_, PyAny>>) -> PyResult<P
         return Ok(Policy::default());
     };
     let text: String = if p.is_instance_of::<PyMapping>() || p.is_instance_of::<PyDict>() {
-        py.import("json")?
-            .call_method1("dumps", (p,))?
-            .extract()?
+        py.import("json")?.call_method1("dumps", (p,))?.extract()?
     } else {
         let path: PathBuf = p.extract().map_err(|_| {
             errors::to_py(Error::new(
@@ -64,8 +62,7 @@ fn parse_policy(py: Python<'_>, policy: Option<&Bound<'_, PyAny>>) -> PyResult<P
                 "policy must be a dict, a path to a policy JSON file, or None",
             ))
         })?;
-        std::fs::read_to_string(&path)
-            .map_err(|e| errors::to_py(Error::io(&path, e)))?
+        std::fs::read_to_string(&path).map_err(|e| errors::to_py(Error::io(&path, e)))?
     };
     Policy::parse(&text).map_err(errors::to_py)
 }
@@ -80,10 +77,12 @@ fn parse_backend(name: &str) -> PyResult<BackendChoice> {
 
 impl PyGate {
     fn attach_tensors(&self, py: Python<'_>, mapping: &Bound<'_, PyAny>) -> PyResult<()> {
-        let items = mapping
-            .call_method0("items")
-            .map_err(|_| errors::to_py(Error::new(ErrorKind::InvalidArgument,
-                "attach_base_tensors takes a mapping of tensor name -> 2-D array")))?;
+        let items = mapping.call_method0("items").map_err(|_| {
+            errors::to_py(Error::new(
+                ErrorKind::InvalidArgument,
+                "attach_base_tensors takes a mapping of tensor name -> 2-D array",
+            ))
+        })?;
         // Every tensor is checked before any is attached.
         let mut arrays = Vec::new();
         for item in items.try_iter()? {
@@ -306,7 +305,11 @@ impl PyGate {
             target: match target {
                 "all" => Target::All,
                 "top1" => Target::Top1,
-                _ => return invalid(format!("target must be \"all\" or \"top1\", got {target:?}")),
+                _ => {
+                    return invalid(format!(
+                        "target must be \"all\" or \"top1\", got {target:?}"
+                    ))
+                }
             },
             mode: match mode {
                 "exact" => ClampMode::Exact,
@@ -337,12 +340,16 @@ impl PyGate {
 
     /// Names of the base tensors attached from host memory (for `intruder_gate.peft`).
     fn _host_tensor_names(&self) -> Vec<String> {
-        self.borrowed.lock().iter().map(|(n, _)| n.clone()).collect()
+        self.borrowed
+            .lock()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// The gate's metrics in the Prometheus text format.
-    fn metrics(&self, py: Python<'_>) -> String {
-        py.detach(|| self.gate.metrics().render())
+    fn metrics(&self, py: Python<'_>) -> PyResult<String> {
+        detached(py, || Ok(self.gate.metrics().render()))
     }
 
     /// Calls `callback(event: dict)` after every screening (None removes it).
@@ -369,8 +376,10 @@ impl PyGate {
             })
         });
         // Waits for running calls of the previous hook, which need the GIL.
-        py.detach(|| self.gate.set_event_hook(hook));
-        Ok(())
+        detached(py, || {
+            self.gate.set_event_hook(hook);
+            Ok(())
+        })
     }
 
     fn __repr__(&self) -> String {

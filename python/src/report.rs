@@ -40,17 +40,27 @@ impl PyReport {
     }
     #[getter]
     fn modules(&self) -> Vec<PyModuleReport> {
-        self.report.modules.iter().map(PyModuleReport::from).collect()
+        self.report
+            .modules
+            .iter()
+            .map(PyModuleReport::from)
+            .collect()
     }
     /// The policy rules that fired, as dicts (`rule`, `action`, ... as in the JSON).
     #[getter]
     fn fired_rules<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        json_loads(py, &serde_json::to_string(&self.report.fired_rules).unwrap_or_default())
+        json_loads(
+            py,
+            &serde_json::to_string(&self.report.fired_rules).unwrap_or_default(),
+        )
     }
     /// `{"kind": ..., "message": ...}` when a malformed adapter was rejected, else None.
     #[getter]
     fn error<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        json_loads(py, &serde_json::to_string(&self.report.error).unwrap_or_default())
+        json_loads(
+            py,
+            &serde_json::to_string(&self.report.error).unwrap_or_default(),
+        )
     }
     #[getter]
     fn warnings(&self) -> Vec<String> {
