@@ -196,7 +196,7 @@ impl PyGate {
     /// "cpu" or "cuda": the backend `backend="auto"` picked.
     #[getter]
     fn backend(&self) -> &'static str {
-        self.gate.backend_name()
+        self.gate.backend_kind().label()
     }
 
     #[getter]
@@ -327,7 +327,7 @@ impl PyGate {
         };
         let report = &report.report;
         let (clamped, factors) = detached(py, || {
-            let clamped = this.gate.clamp(&adapter, report, &opts)?;
+            let clamped = intruder_gate::clamp::clamp(&this.gate, &adapter, report, &opts)?;
             let factors = clamped.to_adapter(DType::F32, pad)?;
             Ok((clamped, factors))
         })?;
@@ -386,7 +386,7 @@ impl PyGate {
         let c = self.gate.config();
         format!(
             "Gate(backend={:?}, top_k={}, epsilon={})",
-            self.gate.backend_name(),
+            self.gate.backend_kind().label(),
             c.top_k,
             c.epsilon
         )

@@ -76,11 +76,11 @@ impl PyReport {
     }
     #[getter]
     fn method(&self) -> &'static str {
-        self.report.method
+        self.report.method.label()
     }
     #[getter]
     fn backend(&self) -> &'static str {
-        self.report.backend
+        self.report.backend.label()
     }
     #[getter]
     fn device(&self) -> String {
@@ -147,6 +147,9 @@ pub struct PyModuleReport {
 
 impl From<&intruder_gate::report::ModuleReport> for PyModuleReport {
     fn from(m: &intruder_gate::report::ModuleReport) -> Self {
+        // The two enums as their JSON spelling, so attribute and JSON never disagree.
+        let json = serde_json::to_value(m).unwrap_or_default();
+        let field = |k: &str| json[k].as_str().unwrap_or_default().to_string();
         PyModuleReport {
             module: m.module.clone(),
             base_tensor: m.base_tensor.clone(),
@@ -159,8 +162,8 @@ impl From<&intruder_gate::report::ModuleReport> for PyModuleReport {
             tied: m.tied.clone(),
             outside_base_span: m.outside_base_span.clone(),
             near_epsilon: m.near_epsilon.clone(),
-            solver: m.solver.clone(),
-            base_spectrum: m.base_spectrum.clone(),
+            solver: field("solver"),
+            base_spectrum: field("base_spectrum"),
             timings_ms: m.timings_ms.clone(),
         }
     }
