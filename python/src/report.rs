@@ -147,9 +147,6 @@ pub struct PyModuleReport {
 
 impl From<&intruder_gate::report::ModuleReport> for PyModuleReport {
     fn from(m: &intruder_gate::report::ModuleReport) -> Self {
-        // The two enums as their JSON spelling, so attribute and JSON never disagree.
-        let json = serde_json::to_value(m).unwrap_or_default();
-        let field = |k: &str| json[k].as_str().unwrap_or_default().to_string();
         PyModuleReport {
             module: m.module.clone(),
             base_tensor: m.base_tensor.clone(),
@@ -162,8 +159,8 @@ impl From<&intruder_gate::report::ModuleReport> for PyModuleReport {
             tied: m.tied.clone(),
             outside_base_span: m.outside_base_span.clone(),
             near_epsilon: m.near_epsilon.clone(),
-            solver: field("solver"),
-            base_spectrum: field("base_spectrum"),
+            solver: m.solver.label().to_string(),
+            base_spectrum: m.base_spectrum.map_or("none", |s| s.label()).to_string(),
             timings_ms: m.timings_ms.clone(),
         }
     }

@@ -1,5 +1,5 @@
 //! The paper's intervention: scale intruder singular values by λ and hand the result back as a
-//! LoRA adapter (DESIGN.md, "The definition").
+//! LoRA adapter (docs/design.md, "The quantity").
 //!
 //! For the clamped set J of a module, `ΔW'' = s·B·A + (λ − 1)·Σ_{j∈J} σ'_j u'_j v'_jᵀ`, with
 //! `u'_j = [U0 P_B]·x_j` and `v'_j = [V0 P_A]·y_j` lifted from the Brand solution (no SVD of `W'`).

@@ -221,7 +221,8 @@ pub extern "C" fn ig_status_str(status: ig_status) -> *const c_char {
 }
 
 /// Copies this thread's last error message into `buf` (at most `cap` bytes, always
-/// NUL-terminated when `cap > 0`, truncated when short) and returns the size needed including
+/// NUL-terminated when `cap > 0`, truncated when short at a UTF-8
+/// character boundary, so the copy is always valid UTF-8) and returns the size needed including
 /// the NUL. `buf` may be NULL when `cap` is 0, to ask for the size. Empty ("") when no call on
 /// this thread has failed yet. Successful calls do not clear it.
 ///
@@ -233,7 +234,7 @@ pub unsafe extern "C" fn ig_last_error(buf: *mut c_char, cap: usize) -> usize {
         LAST_ERROR.with(|e| {
             let msg = e.borrow();
             if !buf.is_null() && cap > 0 {
-                write_truncated(msg.as_bytes(), buf, cap);
+                write_truncated(&msg, buf, cap);
             }
             msg.len() + 1
         })
@@ -262,16 +263,20 @@ pub(crate) unsafe fn text_out(
             format!("{what} needs {want} bytes, buffer holds {cap}"),
         ));
     }
-    write_truncated(text.as_bytes(), buf, cap);
+    write_truncated(text, buf, cap);
     Ok(())
 }
 
-/// Writes `bytes` and a NUL into `buf[..cap]`, truncating to fit. `cap > 0`.
+/// Writes `text` and a NUL into `buf[..cap]`, truncating to fit at a character boundary, so
+/// the copy is always valid UTF-8. `cap > 0`.
 ///
 /// # Safety
 /// `buf` points to at least `cap` writable bytes.
-pub(crate) unsafe fn write_truncated(bytes: &[u8], buf: *mut c_char, cap: usize) {
-    let n = bytes.len().min(cap - 1);
-    std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), n);
+pub(crate) unsafe fn write_truncated(text: &str, buf: *mut c_char, cap: usize) {
+    let mut n = text.len().min(cap - 1);
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), n);
     *buf.add(n) = 0;
 }

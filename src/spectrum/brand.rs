@@ -1,5 +1,5 @@
 //! Brand's low-rank SVD update: the top singular triplets of `W' = W0 + s·B·A` from the cached
-//! thin SVD of `W0` (DESIGN.md, "The fast exact method").
+//! thin SVD of `W0` (docs/design.md, "Why it is fast").
 //!
 //! `W' = [U0 P_B] · K · [V0 P_A]ᵀ` with `K = diag(Σ0, 0) + s·[M_B; R_B]·[M_A; R_A]ᵀ`. Because
 //! `U0ᵀ P_B = 0`, the cosines of a left singular vector `u'_j = [U0 P_B] x_j` with every base vector

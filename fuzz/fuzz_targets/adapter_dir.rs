@@ -1,0 +1,37 @@
+//! A PEFT adapter directory end to end: the input is split into `adapter_config.json` and
+//! `adapter_model.safetensors` (see `split_adapter_input`), written to a directory and screened
+//! with `Gate::load_and_screen` against a small synthetic base (config, weights, name mapping,
+//! shape checks, the Brand update, the policy). A report must be sound (`check_report`); one
+//! with intruders is clamped, and the clamped adapter must screen again.
+#![no_main]
+
+use intruder_gate::ClampOptions;
+use intruder_gate_fuzz::{check_report, gate, scratch, split_adapter_input};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((config, weights)) = split_adapter_input(data) else {
+        return;
+    };
+    let gate = gate();
+    let dir = scratch().join("adapter");
+    std::fs::create_dir_all(&dir).expect("adapter dir");
+    std::fs::write(dir.join("adapter_config.json"), config).expect("write config");
+    std::fs::write(dir.join("adapter_model.safetensors"), weights).expect("write weights");
+    let Ok((report, adapter)) = gate.load_and_screen(&dir) else {
+        return;
+    };
+    check_report(&report);
+    let Some(adapter) = adapter.filter(|_| report.total_intruders > 0) else {
+        return;
+    };
+    let clamped = gate
+        .clamp(&adapter, &report, &ClampOptions::default())
+        .expect("an adapter that screened clamps");
+    let again = clamped
+        .to_adapter(clamped.dtype, None)
+        .expect("clamped factors form an adapter");
+    let after = gate.screen(&again).expect("a clamped adapter screens");
+    check_report(&after);
+    assert_eq!(after.modules.len(), report.modules.len());
+});
