@@ -348,8 +348,8 @@ impl PyGate {
     }
 
     /// The gate's metrics in the Prometheus text format.
-    fn metrics(&self, py: Python<'_>) -> String {
-        py.detach(|| self.gate.metrics().render())
+    fn metrics(&self, py: Python<'_>) -> PyResult<String> {
+        detached(py, || Ok(self.gate.metrics().render()))
     }
 
     /// Calls `callback(event: dict)` after every screening (None removes it).
@@ -376,8 +376,10 @@ impl PyGate {
             })
         });
         // Waits for running calls of the previous hook, which need the GIL.
-        py.detach(|| self.gate.set_event_hook(hook));
-        Ok(())
+        detached(py, || {
+            self.gate.set_event_hook(hook);
+            Ok(())
+        })
     }
 
     fn __repr__(&self) -> String {

@@ -105,19 +105,20 @@ fn torch_array(obj: &Bound<'_, PyAny>, what: &str, mode: Use) -> PyResult<HostAr
         }
         t = t.call_method1("to", ("cpu",))?;
     }
-    let dtype =
-        match t.getattr("dtype")?.str()?.to_str()? {
-            "torch.float32" => DType::F32,
-            "torch.float16" => DType::F16,
-            "torch.bfloat16" => DType::BF16,
-            "torch.float64" => DType::F64,
-            other => return Err(err(
+    let dtype = match t.getattr("dtype")?.str()?.to_str()? {
+        "torch.float32" => DType::F32,
+        "torch.float16" => DType::F16,
+        "torch.bfloat16" => DType::BF16,
+        "torch.float64" => DType::F64,
+        other => {
+            return Err(err(
                 ErrorKind::Unsupported,
                 format!(
                     "{what}: dtype {other} is not supported (float32, float16, bfloat16, float64)"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let shape: Vec<usize> = t.getattr("shape")?.extract()?;
     let (rows, cols) = two_dims(&shape, what)?;
     if !t.call_method0("is_contiguous")?.extract::<bool>()? {
@@ -215,12 +216,15 @@ fn interface(arr: &Bound<'_, PyAny>) -> PyResult<Interface> {
         None => true,
         Some(s) => {
             let strides: Vec<isize> = s.extract()?;
-            let item = typestr[2..].parse::<isize>().unwrap_or(0);
+            let item = typestr
+                .get(2..)
+                .and_then(|n| n.parse::<isize>().ok())
+                .unwrap_or(0);
             let mut want = item;
             let mut ok = true;
             for (i, &n) in shape.iter().enumerate().rev() {
                 // A dimension of length 1 may carry any stride.
-                if n > 1 && strides[i] != want {
+                if n > 1 && strides.get(i) != Some(&want) {
                     ok = false;
                 }
                 want *= n as isize;

@@ -9,7 +9,7 @@ import intruder_gate as ig
 from conftest import ADAPTERS, FIXTURES, adapter_modules, numbers
 
 
-def test_eight_threads_equal_serial(minilm_base):
+def test_eight_threads_equal_serial(minilm_base, capsys):
     gate = ig.Gate(minilm_base, cache_dir=None)
     jobs = [ADAPTERS[i % len(ADAPTERS)] for i in range(8)]
     for name in ADAPTERS:  # base spectra computed once, so both runs do the same work
@@ -30,11 +30,12 @@ def test_eight_threads_equal_serial(minilm_base):
     for s, t in zip(serial, threaded, strict=True):
         s.pop("adapter", None), t.pop("adapter", None)
         assert s == t
-    print(f"\n8 screenings: serial {t1 - t0:.3f} s, 8 threads {t2 - t1:.3f} s, "
-          f"speed-up {(t1 - t0) / (t2 - t1):.2f}x (library threads: one per core)")
+    with capsys.disabled():
+        print(f"\n8 screenings: serial {t1 - t0:.3f} s, 8 threads {t2 - t1:.3f} s, "
+              f"speed-up {(t1 - t0) / (t2 - t1):.2f}x (library threads: one per core)")
 
 
-def test_threads_one_per_gate_speed_up(minilm_base):
+def test_threads_one_per_gate_speed_up(minilm_base, capsys):
     """With one library worker per gate, parallelism can only come from the Python threads."""
     gate = ig.Gate(minilm_base, cache_dir=None, threads=1)
     gate.screen_adapter(FIXTURES / "lora_r2")
@@ -46,5 +47,6 @@ def test_threads_one_per_gate_speed_up(minilm_base):
             lambda _: numbers(gate.screen_adapter(FIXTURES / "lora_r2").to_dict()), range(8)))
     t2 = time.perf_counter()
     assert serial == threaded
-    print(f"\nthreads=1 gate, 8 screenings: serial {t1 - t0:.3f} s, 8 threads {t2 - t1:.3f} s, "
-          f"speed-up {(t1 - t0) / (t2 - t1):.2f}x")
+    with capsys.disabled():
+        print(f"\nthreads=1 gate, 8 screenings: serial {t1 - t0:.3f} s, 8 threads {t2 - t1:.3f} s, "
+              f"speed-up {(t1 - t0) / (t2 - t1):.2f}x")
