@@ -7,10 +7,8 @@
 pub mod adapter;
 pub mod backend;
 pub mod base;
-pub mod bench;
 pub mod clamp;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod ffi;
 pub mod gate;
@@ -20,7 +18,6 @@ pub mod policy;
 pub mod report;
 pub mod safetensors_file;
 pub mod spectrum;
-pub mod synth;
 pub mod tensor;
 
 pub use clamp::{ClampMode, ClampOptions, ClampedAdapter, Target};

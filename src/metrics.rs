@@ -5,6 +5,8 @@
 //! There is no global registry: each gate owns one `Metrics`, so several gates
 //! in one process never share or clobber counters.
 
+use crate::policy::Verdict;
+use crate::spectrum::cache::Source;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,62 +30,35 @@ const COMPUTE_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
-/// Verdict of one screening.
+/// How one screening ended: a verdict, or an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ScreenOutcome {
-    Accept,
-    Warn,
-    Clamp,
-    Reject,
+    Verdict(Verdict),
     Error,
 }
 
 impl ScreenOutcome {
     /// Every outcome, in rendering order.
     pub const ALL: [ScreenOutcome; 5] = [
-        ScreenOutcome::Accept,
-        ScreenOutcome::Warn,
-        ScreenOutcome::Clamp,
-        ScreenOutcome::Reject,
+        ScreenOutcome::Verdict(Verdict::Accept),
+        ScreenOutcome::Verdict(Verdict::Warn),
+        ScreenOutcome::Verdict(Verdict::Clamp),
+        ScreenOutcome::Verdict(Verdict::Reject),
         ScreenOutcome::Error,
     ];
 
+    /// The `verdict` label: the verdict's own label, or "error".
     pub fn label(self) -> &'static str {
         match self {
-            ScreenOutcome::Accept => "accept",
-            ScreenOutcome::Warn => "warn",
-            ScreenOutcome::Clamp => "clamp",
-            ScreenOutcome::Reject => "reject",
+            ScreenOutcome::Verdict(v) => v.label(),
             ScreenOutcome::Error => "error",
         }
     }
-}
 
-/// How a base-spectrum cache lookup was served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CacheResult {
-    MemoryHit,
-    DiskHit,
-    Computed,
-    /// A disk entry failed validation and was recomputed.
-    RebuiltCorrupt,
-}
-
-impl CacheResult {
-    /// Every result, in rendering order.
-    pub const ALL: [CacheResult; 4] = [
-        CacheResult::MemoryHit,
-        CacheResult::DiskHit,
-        CacheResult::Computed,
-        CacheResult::RebuiltCorrupt,
-    ];
-
-    pub fn label(self) -> &'static str {
+    fn index(self) -> usize {
         match self {
-            CacheResult::MemoryHit => "memory_hit",
-            CacheResult::DiskHit => "disk_hit",
-            CacheResult::Computed => "computed",
-            CacheResult::RebuiltCorrupt => "rebuilt_corrupt",
+            ScreenOutcome::Verdict(v) => v as usize,
+            ScreenOutcome::Error => 4,
         }
     }
 }
@@ -161,7 +136,7 @@ impl Metrics {
         seconds: f64,
     ) {
         // Relaxed suffices: each counter is independent and only needs exact totals.
-        self.screenings[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.screenings[outcome.index()].fetch_add(1, Ordering::Relaxed);
         self.intruder_dimensions
             .fetch_add(intruders, Ordering::Relaxed);
         self.modules_screened.fetch_add(modules, Ordering::Relaxed);
@@ -186,7 +161,7 @@ impl Metrics {
         *errors.entry(key.to_owned()).or_insert(0) += 1;
     }
 
-    pub fn record_cache(&self, result: CacheResult) {
+    pub fn record_cache(&self, result: Source) {
         self.cache_requests[result as usize].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -210,7 +185,7 @@ impl Metrics {
             "Adapter screenings by verdict.",
         )?;
         for outcome in ScreenOutcome::ALL {
-            let n = self.screenings[outcome as usize].load(Ordering::Relaxed);
+            let n = self.screenings[outcome.index()].load(Ordering::Relaxed);
             writeln!(
                 out,
                 "intruder_gate_screenings_total{{verdict=\"{}\"}} {n}",
@@ -248,7 +223,7 @@ impl Metrics {
             "counter",
             "Base-model spectrum cache lookups by how they were served.",
         )?;
-        for result in CacheResult::ALL {
+        for result in Source::ALL {
             let n = self.cache_requests[result as usize].load(Ordering::Relaxed);
             writeln!(
                 out,
@@ -485,7 +460,13 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let m = metrics(4);
-        m.record_screening("a\\b\"c\nd", ScreenOutcome::Accept, 3, 1, 0.01);
+        m.record_screening(
+            "a\\b\"c\nd",
+            ScreenOutcome::Verdict(Verdict::Accept),
+            3,
+            1,
+            0.01,
+        );
         m.record_error("bad\"kind");
         m.set_info(Info {
             version: "1\\2".into(),
@@ -525,7 +506,7 @@ mod tests {
         // bound (le is inclusive), between bounds, beyond the last bound.
         let observations = [0.0005, 0.001, 0.003, 0.5, 7.0, 100.0];
         for s in observations {
-            m.record_screening("a", ScreenOutcome::Accept, 0, 0, s);
+            m.record_screening("a", ScreenOutcome::Verdict(Verdict::Accept), 0, 0, s);
         }
         let text = m.render();
         let name = "intruder_gate_screen_duration_seconds";
@@ -584,7 +565,7 @@ mod tests {
             );
             assert_eq!(sample(&text, &series), Some(0.0), "{series}");
         }
-        for r in CacheResult::ALL {
+        for r in Source::ALL {
             let series = format!(
                 "intruder_gate_base_spectrum_cache_requests_total{{result=\"{}\"}}",
                 r.label()
@@ -597,7 +578,7 @@ mod tests {
                 m.record_screening("a", o, 2, 10, 0.1);
             }
         }
-        for (i, r) in CacheResult::ALL.into_iter().enumerate() {
+        for (i, r) in Source::ALL.into_iter().enumerate() {
             for _ in 0..=i {
                 m.record_cache(r);
             }
@@ -610,7 +591,7 @@ mod tests {
             );
             assert_eq!(sample(&text, &series), Some(i as f64 + 1.0), "{series}");
         }
-        for (i, r) in CacheResult::ALL.into_iter().enumerate() {
+        for (i, r) in Source::ALL.into_iter().enumerate() {
             let series = format!(
                 "intruder_gate_base_spectrum_cache_requests_total{{result=\"{}\"}}",
                 r.label()
@@ -633,7 +614,13 @@ mod tests {
         const N: usize = 64;
         let m = metrics(N);
         for i in 0..1000u64 {
-            m.record_screening(&format!("adapter-{i}"), ScreenOutcome::Accept, i, 1, 0.01);
+            m.record_screening(
+                &format!("adapter-{i}"),
+                ScreenOutcome::Verdict(Verdict::Accept),
+                i,
+                1,
+                0.01,
+            );
         }
         let text = m.render();
         let series: Vec<&str> = series_of(&text, "intruder_gate_adapter_intruders").collect();
@@ -648,12 +635,18 @@ mod tests {
         let oldest = 1000 - N as u64;
         m.record_screening(
             &format!("adapter-{oldest}"),
-            ScreenOutcome::Warn,
+            ScreenOutcome::Verdict(Verdict::Warn),
             7,
             1,
             0.01,
         );
-        m.record_screening("newcomer", ScreenOutcome::Accept, 1, 1, 0.01);
+        m.record_screening(
+            "newcomer",
+            ScreenOutcome::Verdict(Verdict::Accept),
+            1,
+            1,
+            0.01,
+        );
         let text = m.render();
         assert_eq!(
             series_of(&text, "intruder_gate_adapter_intruders").count(),
@@ -668,7 +661,7 @@ mod tests {
     #[test]
     fn zero_recent_adapters_disables_the_gauge() {
         let m = metrics(0);
-        m.record_screening("a", ScreenOutcome::Accept, 1, 1, 0.01);
+        m.record_screening("a", ScreenOutcome::Verdict(Verdict::Accept), 1, 1, 0.01);
         let text = m.render();
         assert_eq!(
             series_of(&text, "intruder_gate_adapter_intruders").count(),
@@ -716,7 +709,7 @@ mod tests {
                         let outcome = ScreenOutcome::ALL[(i % 5) as usize];
                         // 0.5 sums exactly in f64, so the total must match exactly.
                         m.record_screening(&format!("t{t}-{}", i % 50), outcome, 2, 3, 0.5);
-                        m.record_cache(CacheResult::MemoryHit);
+                        m.record_cache(Source::MemoryHit);
                         m.record_error("io");
                     }
                 })
@@ -800,7 +793,7 @@ mod tests {
                 0.02 * i as f64,
             );
         }
-        m.record_cache(CacheResult::DiskHit);
+        m.record_cache(Source::DiskHit);
         m.record_spectrum_compute(12.5);
         m.record_error("format");
         m.record_error("sh\"ape\n");

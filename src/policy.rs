@@ -7,8 +7,37 @@
 //! nothing rejects on intruder counts alone; malformed adapters are rejected.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::report::{ModuleReport, Verdict};
 use serde::{Deserialize, Serialize};
+
+/// A screening's outcome, in increasing severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Accept,
+    Warn,
+    Clamp,
+    Reject,
+}
+
+impl Verdict {
+    /// The JSON value, and the `verdict` label of the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Accept => "accept",
+            Verdict::Warn => "warn",
+            Verdict::Clamp => "clamp",
+            Verdict::Reject => "reject",
+        }
+    }
+}
+
+/// What a rule reads off one screened matrix (the report's modules implement it).
+pub trait Screened {
+    /// Intruder dimensions found in this matrix.
+    fn intruder_count(&self) -> usize;
+    /// The smallest max|cos| of any tested vector.
+    fn min_max_cos(&self) -> f64;
+}
 
 /// The number a rule looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,8 +65,8 @@ impl Metric {
     }
 
     /// The metric's value on a set of screened matrices.
-    fn value(self, modules: &[ModuleReport]) -> f64 {
-        let counts = modules.iter().map(|m| m.intruders.len());
+    fn value<M: Screened>(self, modules: &[M]) -> f64 {
+        let counts = modules.iter().map(M::intruder_count);
         match self {
             Metric::TotalIntruders => counts.sum::<usize>() as f64,
             Metric::ModuleIntruders => counts.max().unwrap_or(0) as f64,
@@ -47,7 +76,7 @@ impl Metric {
             }
             Metric::MinMaxCos => modules
                 .iter()
-                .map(ModuleReport::min_max_cos)
+                .map(M::min_max_cos)
                 .fold(f64::INFINITY, f64::min),
         }
     }
@@ -169,7 +198,7 @@ impl Policy {
     }
 
     /// The verdict for these matrices and every rule that fired, in policy order.
-    pub fn evaluate(&self, modules: &[ModuleReport]) -> (Verdict, Vec<FiredRule>) {
+    pub fn evaluate<M: Screened>(&self, modules: &[M]) -> (Verdict, Vec<FiredRule>) {
         let fired: Vec<FiredRule> = self
             .rules
             .iter()
@@ -210,24 +239,25 @@ fn round(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
-    fn module(intruders: Vec<usize>, max_cos: Vec<f64>) -> ModuleReport {
-        ModuleReport {
-            module: "m".into(),
-            base_tensor: "m.weight".into(),
-            shape: [4, 4],
-            rank: 1,
-            scale: 1.0,
-            singular_values: vec![1.0; max_cos.len()],
+    struct Module {
+        intruders: usize,
+        max_cos: Vec<f64>,
+    }
+
+    impl Screened for Module {
+        fn intruder_count(&self) -> usize {
+            self.intruders
+        }
+        fn min_max_cos(&self) -> f64 {
+            self.max_cos.iter().copied().fold(f64::INFINITY, f64::min)
+        }
+    }
+
+    fn module(intruders: Vec<usize>, max_cos: Vec<f64>) -> Module {
+        Module {
+            intruders: intruders.len(),
             max_cos,
-            intruders,
-            tied: vec![],
-            outside_base_span: vec![],
-            near_epsilon: vec![],
-            solver: "dense".into(),
-            base_spectrum: "none".into(),
-            timings_ms: BTreeMap::new(),
         }
     }
 

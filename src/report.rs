@@ -1,31 +1,15 @@
 //! The screening report: per module and in total, with a fixed JSON schema (`schema_version`).
 
-use crate::policy::FiredRule;
+use crate::backend::BackendKind;
+pub use crate::policy::Verdict;
+use crate::policy::{FiredRule, Screened};
+use crate::spectrum::cache::Source;
+use crate::spectrum::Solver;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// Bumped whenever a JSON field changes meaning or disappears (adding fields does not bump it).
 pub const SCHEMA_VERSION: u32 = 1;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Accept,
-    Warn,
-    Clamp,
-    Reject,
-}
-
-impl Verdict {
-    pub fn label(self) -> &'static str {
-        match self {
-            Verdict::Accept => "accept",
-            Verdict::Warn => "warn",
-            Verdict::Clamp => "clamp",
-            Verdict::Reject => "reject",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -73,20 +57,33 @@ pub struct ModuleReport {
     /// (exact SVD of the small Brand core, chosen when r is large relative to min(out, in)),
     /// "dense-core-fallback" (the iterative solve did not converge within its budget), or
     /// "dense" (the reference method).
-    pub solver: String,
+    pub solver: Solver,
     /// Where the base spectrum came from: "memory_hit", "disk_hit", "computed",
     /// "rebuilt_corrupt", or "none" (dense method).
-    pub base_spectrum: String,
+    #[serde(serialize_with = "base_spectrum_label")]
+    pub base_spectrum: Option<Source>,
     pub timings_ms: BTreeMap<String, f64>,
 }
 
 /// Width of the band around ε inside which a verdict is flagged as fragile.
 pub const EPSILON_BAND: f64 = 0.02;
 
-impl ModuleReport {
-    pub fn min_max_cos(&self) -> f64 {
+impl Screened for ModuleReport {
+    fn intruder_count(&self) -> usize {
+        self.intruders.len()
+    }
+
+    fn min_max_cos(&self) -> f64 {
         self.max_cos.iter().copied().fold(f64::INFINITY, f64::min)
     }
+}
+
+/// `base_spectrum` as in schema 1: the cache source's label, or "none" (dense method).
+fn base_spectrum_label<S: serde::Serializer>(
+    s: &Option<Source>,
+    ser: S,
+) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s.map_or("none", Source::label))
 }
 
 /// Fills `intruders`, `tied` and `near_epsilon` from the spectrum and cosines.
@@ -121,8 +118,8 @@ pub struct Report {
     pub adapter: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tuned: Option<String>,
-    pub method: &'static str,
-    pub backend: &'static str,
+    pub method: Method,
+    pub backend: BackendKind,
     pub device: String,
     /// Why `auto` did not pick CUDA, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -169,8 +166,8 @@ impl Report {
             self.tool_version,
             subject,
             self.base,
-            self.method,
-            self.backend,
+            self.method.label(),
+            self.backend.label(),
             self.top_k,
             self.epsilon
         );
@@ -186,7 +183,7 @@ impl Report {
             if !m.near_epsilon.is_empty() {
                 flags.push(format!("near-eps{:?}", m.near_epsilon));
             }
-            if m.solver == "dense-core-fallback" {
+            if m.solver == Solver::DenseCoreFallback {
                 flags.push("dense-fallback".into());
             }
             s += &format!(

@@ -242,7 +242,7 @@ fn adapter_registry_cpp_activates_clamped_factors_under_a_policy() {
             lambda: 0.3,
             ..Default::default()
         };
-        let c = gate.clamp(&adapter, &report, &opts).unwrap();
+        let c = intruder_gate::clamp::clamp(&gate, &adapter, &report, &opts).unwrap();
         let modules = c.modules.iter().filter(|m| !m.clamped.is_empty()).count();
         format!(
             "verdict clamp, {} modules, {} intruder dimensions, clamped {} directions in {modules} modules (lambda 0.3)",

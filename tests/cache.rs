@@ -32,7 +32,10 @@ fn gate(cache: Option<&Path>, method: Method, dtype: CacheDType) -> Gate {
 }
 
 fn sources(r: &Report) -> Vec<&str> {
-    r.modules.iter().map(|m| m.base_spectrum.as_str()).collect()
+    r.modules
+        .iter()
+        .map(|m| m.base_spectrum.map_or("none", |s| s.label()))
+        .collect()
 }
 
 fn cos(r: &Report) -> Vec<Vec<f64>> {

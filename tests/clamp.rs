@@ -93,9 +93,13 @@ fn check_exact_against_dense(base_path: &Path, g: &Gate, adapter: &Adapter, repo
     let base = BaseModel::open(base_path, &Limits::default()).unwrap();
     for &lambda in &LAMBDAS {
         for &target in &TARGETS {
-            let c = g
-                .clamp(adapter, report, &opts(lambda, target, ClampMode::Exact))
-                .unwrap();
+            let c = intruder_gate::clamp::clamp(
+                g,
+                adapter,
+                report,
+                &opts(lambda, target, ClampMode::Exact),
+            )
+            .unwrap();
             assert!(c.clamped_directions() > 0);
             for m in &c.modules {
                 let r = module_report(report, &m.name);
@@ -117,9 +121,13 @@ fn check_exact_against_dense(base_path: &Path, g: &Gate, adapter: &Adapter, repo
                 );
                 assert_eq!(m.rank, r.rank + dirs.len());
             }
-            let v = g
-                .verify_clamp(adapter, &c, &c.to_adapter(DType::F32, None).unwrap())
-                .unwrap();
+            let v = intruder_gate::clamp::verify(
+                g,
+                adapter,
+                &c,
+                &c.to_adapter(DType::F32, None).unwrap(),
+            )
+            .unwrap();
             assert!(v.passed, "λ={lambda} {target:?}:\n{v}");
         }
     }
@@ -160,12 +168,20 @@ fn verify_passes_on_every_minilm_fixture_for_each_lambda_and_target() {
         let (adapter, report) = screened(&g, &common::fixtures().join(name));
         for &lambda in &LAMBDAS {
             for &target in &TARGETS {
-                let c = g
-                    .clamp(&adapter, &report, &opts(lambda, target, ClampMode::Exact))
-                    .unwrap();
-                let v = g
-                    .verify_clamp(&adapter, &c, &c.to_adapter(DType::F32, None).unwrap())
-                    .unwrap();
+                let c = intruder_gate::clamp::clamp(
+                    &g,
+                    &adapter,
+                    &report,
+                    &opts(lambda, target, ClampMode::Exact),
+                )
+                .unwrap();
+                let v = intruder_gate::clamp::verify(
+                    &g,
+                    &adapter,
+                    &c,
+                    &c.to_adapter(DType::F32, None).unwrap(),
+                )
+                .unwrap();
                 assert!(v.passed, "{name} λ={lambda} {target:?}:\n{v}");
                 let worst = v
                     .modules
@@ -193,13 +209,13 @@ fn rank_preserving_is_the_dense_best_rank_r_of_the_clamped_update() {
         let g = gate(&base_path);
         let base = BaseModel::open(&base_path, &Limits::default()).unwrap();
         let (adapter, report) = screened(&g, &dir);
-        let c = g
-            .clamp(
-                &adapter,
-                &report,
-                &opts(0.3, Target::All, ClampMode::RankPreserving),
-            )
-            .unwrap();
+        let c = intruder_gate::clamp::clamp(
+            &g,
+            &adapter,
+            &report,
+            &opts(0.3, Target::All, ClampMode::RankPreserving),
+        )
+        .unwrap();
         for m in &c.modules {
             let r = module_report(&report, &m.name);
             assert_eq!(m.rank, r.rank, "rank preserved");
@@ -231,9 +247,13 @@ fn rank_preserving_is_the_dense_best_rank_r_of_the_clamped_update() {
             );
             assert!(t.relative > 0.0);
         }
-        let v = g
-            .verify_clamp(&adapter, &c, &c.to_adapter(DType::F32, None).unwrap())
-            .unwrap();
+        let v = intruder_gate::clamp::verify(
+            &g,
+            &adapter,
+            &c,
+            &c.to_adapter(DType::F32, None).unwrap(),
+        )
+        .unwrap();
         assert!(v.passed, "{v}");
     }
 }
@@ -244,9 +264,13 @@ fn written_adapter_round_trips_and_rescreens_to_the_clamped_spectrum() {
     let base = common::minilm_base();
     let g = gate(&base);
     let (adapter, report) = screened(&g, &common::fixtures().join("lora_r16_qv"));
-    let c = g
-        .clamp(&adapter, &report, &opts(0.3, Target::All, ClampMode::Exact))
-        .unwrap();
+    let c = intruder_gate::clamp::clamp(
+        &g,
+        &adapter,
+        &report,
+        &opts(0.3, Target::All, ClampMode::Exact),
+    )
+    .unwrap();
 
     let out = tmp.path().join("clamped");
     c.write_peft(&out, None, None).unwrap();
@@ -312,7 +336,7 @@ fn written_adapter_round_trips_and_rescreens_to_the_clamped_spectrum() {
         .modules
         .iter()
         .all(|m| m.rank == 32 && m.dtype == DType::F16));
-    let v = g.verify_clamp(&adapter, &c, &p).unwrap();
+    let v = intruder_gate::clamp::verify(&g, &adapter, &c, &p).unwrap();
     assert!(v.passed, "{v}");
     let e = c.write_peft(&padded, None, Some(16)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
@@ -324,20 +348,19 @@ fn a_report_of_another_adapter_or_a_bad_lambda_is_refused() {
     let g = gate(&base);
     let (adapter, _) = screened(&g, &common::fixtures().join("lora_r16_qv"));
     let (_, other) = screened(&g, &common::fixtures().join("lora_r2"));
-    let e = g
-        .clamp(&adapter, &other, &ClampOptions::default())
-        .unwrap_err();
+    let e =
+        intruder_gate::clamp::clamp(&g, &adapter, &other, &ClampOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
     assert!(e.message().contains("does not describe"), "{e}");
     let (_, report) = screened(&g, &common::fixtures().join("lora_r16_qv"));
     for lambda in [-0.1, f64::NAN] {
-        let e = g
-            .clamp(
-                &adapter,
-                &report,
-                &opts(lambda, Target::All, ClampMode::Exact),
-            )
-            .unwrap_err();
+        let e = intruder_gate::clamp::clamp(
+            &g,
+            &adapter,
+            &report,
+            &opts(lambda, Target::All, ClampMode::Exact),
+        )
+        .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     }
 }
@@ -347,7 +370,7 @@ fn cli_clamp_verify_on_minilm() {
     let tmp = tempfile::tempdir().unwrap();
     let base = common::minilm_base();
     let out = tmp.path().join("out");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_intruder-gate"))
+    let run = common::cli()
         .args([
             "clamp",
             "--no-cache",

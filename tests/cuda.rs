@@ -36,7 +36,7 @@ fn without_a_gpu_auto_falls_back_and_cuda_is_a_clean_error() {
         &PlantedSpec::new(&[("layers.0.attn.q", 64, 64)], 4, &[1], 3),
     );
     let auto = screen(BackendChoice::Auto, &p.base, &p.adapter).unwrap();
-    assert_eq!(auto.backend, "cpu");
+    assert_eq!(auto.backend.label(), "cpu");
     assert!(auto
         .backend_fallback
         .as_deref()
@@ -61,7 +61,7 @@ fn without_a_gpu_auto_falls_back_and_cuda_is_a_clean_error() {
 
 /// Same verdicts, and max|cos| within 1e-3, outside ties and the fragile band around ε.
 fn assert_same(label: &str, cpu: &Report, gpu: &Report) {
-    assert_eq!(gpu.backend, "cuda");
+    assert_eq!(gpu.backend.label(), "cuda");
     let mut worst = 0.0f64;
     for (c, g) in cpu.modules.iter().zip(&gpu.modules) {
         for j in 0..c.max_cos.len() {

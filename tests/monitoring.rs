@@ -5,7 +5,7 @@ mod common;
 
 use intruder_gate::adapter::load_peft_dir;
 use intruder_gate::metrics::{MetricsConfig, ScreenOutcome};
-use intruder_gate::{Config, Gate};
+use intruder_gate::{Config, Gate, Verdict};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -37,7 +37,7 @@ fn adapter_gauge_keeps_n_series_over_1000_adapter_names() {
     let seen = Arc::clone(&events);
     gate.set_event_hook(Some(Box::new(move |e| {
         // Any intruder in a third of the modules is a clamp under the default policy.
-        assert_eq!(e.outcome, ScreenOutcome::Clamp, "{e:?}");
+        assert_eq!(e.outcome, ScreenOutcome::Verdict(Verdict::Clamp), "{e:?}");
         seen.fetch_add(1, Ordering::Relaxed);
     })));
     let mut adapter = load_peft_dir(&adapter_dir, &gate.config().limits).unwrap();

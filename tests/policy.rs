@@ -117,7 +117,7 @@ fn cli_scan_with_a_policy_file() {
     )
     .unwrap();
     let scan = |policy: &Path, fail_on: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_intruder-gate"))
+        common::cli()
             .args(["scan", "--no-cache", "--backend", "cpu", "--format", "json"])
             .args(["--fail-on", fail_on])
             .arg("--base")

@@ -154,10 +154,10 @@ fn assert_agree(label: &str, brand: &[ModuleReport], dense: &[ModuleReport]) {
             &["davidson", "dense-core"]
         };
         assert!(
-            allowed.contains(&b.solver.as_str()),
+            allowed.contains(&b.solver.label()),
             "{label}/{}: {}",
             b.module,
-            b.solver
+            b.solver.label()
         );
         for (j, (x, y)) in b.singular_values.iter().zip(&d.singular_values).enumerate() {
             assert!(

@@ -1,6 +1,6 @@
 //! The CPU backend: faer's thin SVD and GEMM (rayon-parallel). Always available; the reference.
 
-use super::{Backend, Spectrum};
+use super::{Backend, BackendKind, Spectrum};
 use crate::bail;
 use crate::error::Result;
 use faer::linalg::matmul::matmul;
@@ -14,8 +14,8 @@ pub struct CpuBackend;
 const F64_SVD_MAX_WORK: usize = 1 << 30;
 
 impl Backend for CpuBackend {
-    fn name(&self) -> &'static str {
-        "cpu"
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
     }
 
     fn device(&self) -> String {

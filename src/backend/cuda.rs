@@ -10,7 +10,7 @@
 //! column-major `n×k` matrix whose columns are vectors *is* our row-major "k vectors of length n"
 //! layout. Every call below is phrased that way, so nothing is transposed by copying.
 
-use super::{Backend, Spectrum};
+use super::{Backend, BackendKind, Spectrum};
 use crate::error::{Error, ErrorKind, Result};
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::cusolver::{sys as solver_sys, DnHandle};
@@ -565,8 +565,8 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
-    fn name(&self) -> &'static str {
-        "cuda"
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
     }
     fn device(&self) -> String {
         self.device_name()

@@ -30,8 +30,7 @@ impl Spectrum {
 
 /// What the screening needs from a device. Implementations must be thread-safe.
 pub trait Backend: Send + Sync {
-    /// "cpu" or "cuda".
-    fn name(&self) -> &'static str;
+    fn kind(&self) -> BackendKind;
     /// Human-readable device description for reports and metrics.
     fn device(&self) -> String;
     /// Thin SVD of a row-major f32 matrix.
@@ -48,6 +47,23 @@ pub enum BackendChoice {
     Auto,
     Cpu,
     Cuda,
+}
+
+/// Which backend ran a screening: the report's `backend` and the metrics' `backend` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
 }
 
 /// The chosen backend and, when `Auto` fell back to the CPU, why.

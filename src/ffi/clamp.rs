@@ -89,7 +89,7 @@ pub unsafe extern "C" fn ig_gate_clamp(
                 "the report has no adapter to clamp: its screening failed: {why}"
             ))
         })?;
-        let clamped = g.gate.clamp(adapter, &r.report, &opts)?;
+        let clamped = crate::clamp::clamp(&g.gate, adapter, &r.report, &opts)?;
         let modules =
             clamped.to_adapter(clamped.dtype, (pad_rank_to > 0).then_some(pad_rank_to))?;
         *out = into_handle(ig_adapter::from_adapter(

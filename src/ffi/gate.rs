@@ -3,8 +3,7 @@
 use super::{
     arg, config_or_default, dtype_of, ffi_try, free_handle, ig_adapter, ig_config, ig_dtype,
     ig_report, ig_status, ig_verdict, into_handle, out_arg, str_arg, text_out, Failure,
-    IG_STATUS_BUFFER_TOO_SMALL, IG_VERDICT_ACCEPT, IG_VERDICT_CLAMP, IG_VERDICT_ERROR,
-    IG_VERDICT_REJECT, IG_VERDICT_WARN,
+    IG_STATUS_BUFFER_TOO_SMALL, IG_VERDICT_ERROR,
 };
 use crate::gate::{Gate, ScreenEvent};
 use crate::metrics::ScreenOutcome;
@@ -231,10 +230,7 @@ impl UserData {
 
 fn verdict_of(outcome: ScreenOutcome) -> ig_verdict {
     match outcome {
-        ScreenOutcome::Accept => IG_VERDICT_ACCEPT,
-        ScreenOutcome::Warn => IG_VERDICT_WARN,
-        ScreenOutcome::Clamp => IG_VERDICT_CLAMP,
-        ScreenOutcome::Reject => IG_VERDICT_REJECT,
+        ScreenOutcome::Verdict(v) => super::report::ig_verdict_of(v),
         ScreenOutcome::Error => IG_VERDICT_ERROR,
     }
 }

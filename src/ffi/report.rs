@@ -2,6 +2,7 @@
 
 use super::{arg, ffi_try, ffi_value, free_handle, ig_status, out_arg, Failure};
 use crate::adapter::Adapter;
+use crate::policy::Screened as _;
 use crate::report::{Report, Verdict};
 use std::ffi::{c_char, CString};
 
@@ -83,13 +84,18 @@ pub struct ig_module_summary {
 pub unsafe extern "C" fn ig_report_verdict(r: *const ig_report) -> ig_verdict {
     ffi_value(IG_VERDICT_INVALID, || {
         r.as_ref()
-            .map_or(IG_VERDICT_INVALID, |r| match r.report.verdict {
-                Verdict::Accept => IG_VERDICT_ACCEPT,
-                Verdict::Warn => IG_VERDICT_WARN,
-                Verdict::Clamp => IG_VERDICT_CLAMP,
-                Verdict::Reject => IG_VERDICT_REJECT,
-            })
+            .map_or(IG_VERDICT_INVALID, |r| ig_verdict_of(r.report.verdict))
     })
+}
+
+/// The one mapping of a verdict to its C value.
+pub(super) fn ig_verdict_of(v: Verdict) -> ig_verdict {
+    match v {
+        Verdict::Accept => IG_VERDICT_ACCEPT,
+        Verdict::Warn => IG_VERDICT_WARN,
+        Verdict::Clamp => IG_VERDICT_CLAMP,
+        Verdict::Reject => IG_VERDICT_REJECT,
+    }
 }
 
 /// Intruder dimensions over all modules (0 for NULL).

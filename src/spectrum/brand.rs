@@ -1,12 +1,15 @@
 //! Brand's low-rank SVD update: the top singular triplets of `W' = W0 + s·B·A` from the cached
-//! thin SVD of `W0` (DESIGN.md, "The fast exact method").
+//! thin SVD of `W0` (docs/design.md, "Why it is fast").
 //!
 //! `W' = [U0 P_B] · K · [V0 P_A]ᵀ` with `K = diag(Σ0, 0) + s·[M_B; R_B]·[M_A; R_A]ᵀ`. Because
 //! `U0ᵀ P_B = 0`, the cosines of a left singular vector `u'_j = [U0 P_B] x_j` with every base vector
 //! are simply the first ρ entries of `x_j`.
 
-use super::krylov::{self, KrylovSettings, Operator, Triplets};
+use super::kernels::{mul, norm};
+use super::krylov::{self, Operator, Triplets};
+use super::params::SolverParams;
 use super::shift_invert::ShiftedGram;
+use super::Solver;
 use crate::backend::{Backend, Spectrum};
 use crate::error::Result;
 use faer::linalg::matmul::matmul;
@@ -34,7 +37,7 @@ pub struct BrandSolution {
     pub p_a: Mat<f64>,
     /// "davidson"; "dense-core" (chosen up front: r is large relative to min(out, in)); or
     /// "dense-core-fallback" (the iterative solve did not converge within its budget).
-    pub solver: &'static str,
+    pub solver: Solver,
 }
 
 impl BrandSolution {
@@ -76,6 +79,15 @@ impl BrandSolution {
         );
         (u, v)
     }
+
+    /// `u'_jᵀ W0 v'_j` in base coordinates: `Σ_i x_ij σ0_i y_ij`, since `U0ᵀ u'_j = x[:ρ, j]`
+    /// and `V0ᵀ v'_j = y[:ρ, j]`.
+    pub fn base_rayleigh(&self, base: &Spectrum, j: usize) -> f64 {
+        let (x, y) = (&self.triplets.x, &self.triplets.y);
+        (0..self.rho)
+            .map(|i| x[(i, j)] * base.s[i] as f64 * y[(i, j)])
+            .sum()
+    }
 }
 
 /// `[basis P] · c` where `basis` holds ρ vectors of length n as rows.
@@ -98,10 +110,6 @@ fn lift(basis: &[f32], n: usize, rho: usize, p: &Mat<f64>, c: faer::ColRef<'_, f
     out
 }
 
-/// Above this rank a shift-inverse of the core's Gram (a 2r×rows×2r product per shift) costs
-/// more than the Rayleigh–Ritz steps it saves.
-const MAX_SHIFT_INVERT_RANK: usize = 32;
-
 /// The core `K = diag(Σ0, 0) + s·L·Rᵀ`, applied without forming it.
 struct Core {
     sigma0: Vec<f64>,
@@ -113,7 +121,14 @@ struct Core {
 }
 
 impl Core {
-    fn new(sigma0: Vec<f64>, l: Mat<f64>, r: Mat<f64>, scale: f64) -> Core {
+    /// `max_shift_invert_rank`: [`SolverParams::max_shift_invert_rank`].
+    fn new(
+        sigma0: Vec<f64>,
+        l: Mat<f64>,
+        r: Mat<f64>,
+        scale: f64,
+        max_shift_invert_rank: usize,
+    ) -> Core {
         let mut core = Core {
             sigma0,
             l,
@@ -122,7 +137,7 @@ impl Core {
             shifted: None,
         };
         let rank = core.l.ncols();
-        if scale != 0.0 && rank <= MAX_SHIFT_INVERT_RANK {
+        if scale != 0.0 && rank <= max_shift_invert_rank {
             core.shifted = Some(core.left_gram());
         }
         core
@@ -139,7 +154,7 @@ impl Core {
                 (false, _) => self.l[(i, j - rank)],
             }
         });
-        let gram_r = krylov::mul(self.r.transpose(), self.r.as_ref());
+        let gram_r = mul(self.r.transpose(), self.r.as_ref());
         let m_inv = Mat::from_fn(2 * rank, 2 * rank, |i, j| match (i < rank, j < rank) {
             (true, true) => -gram_r[(i, j)],
             (true, false) => f64::from(u8::from(j - rank == i)) / s,
@@ -169,7 +184,7 @@ impl Core {
                 out[(i, j)] = s * v[(i, j)];
             }
         }
-        let inner = krylov::mul(right.transpose(), v);
+        let inner = mul(right.transpose(), v);
         matmul(
             out,
             Accum::Add,
@@ -220,6 +235,7 @@ fn split(
     n: usize,
     f: &[f32],
     r: usize,
+    residual_drop: f64,
 ) -> Result<(Mat<f64>, Mat<f64>, Mat<f64>)> {
     let coords = backend.project(basis, rho, n, f, r)?;
     let mut m = Mat::<f64>::from_fn(rho, r, |i, j| coords[i * r + j] as f64);
@@ -268,7 +284,7 @@ fn split(
         coef = Mat::<f64>::from_fn(rho, r, |i, j| c[(i, j)] as f64);
         m += &coef;
     }
-    if frobenius(&res) <= 1e-7 * f_norm {
+    if frobenius(&res) <= residual_drop * f_norm {
         return Ok((m, Mat::zeros(n, 0), Mat::zeros(0, r)));
     }
     let qr = res.qr();
@@ -279,10 +295,7 @@ fn split(
 
 /// Frobenius norm by columns with `krylov::norm` (faer's overflow-safe norm was slow here).
 fn frobenius(a: &Mat<f64>) -> f64 {
-    a.col_iter()
-        .map(|c| krylov::norm(c).powi(2))
-        .sum::<f64>()
-        .sqrt()
+    a.col_iter().map(|c| norm(c).powi(2)).sum::<f64>().sqrt()
 }
 
 /// Stacks `[top; bottom]` (same column count).
@@ -302,7 +315,7 @@ pub fn solve(
     backend: &dyn Backend,
     up: &Update<'_>,
     want: usize,
-    settings: &KrylovSettings,
+    settings: &SolverParams,
 ) -> Result<BrandSolution> {
     let base = up.base;
     let (out, inn, rho, r) = (base.rows, base.cols, base.rank(), up.rank);
@@ -310,16 +323,17 @@ pub fn solve(
     let at: Vec<f32> = (0..inn)
         .flat_map(|i| (0..r).map(move |j| up.a[j * inn + i]))
         .collect();
-    let (m_b, p_b, r_b) = split(backend, &base.u, rho, out, up.b, r)?;
-    let (m_a, p_a, r_a) = split(backend, &base.v, rho, inn, &at, r)?;
+    let (m_b, p_b, r_b) = split(backend, &base.u, rho, out, up.b, r, settings.residual_drop)?;
+    let (m_a, p_a, r_a) = split(backend, &base.v, rho, inn, &at, r, settings.residual_drop)?;
     let core = Core::new(
         base.s.iter().map(|&s| s as f64).collect(),
         stack(&m_b, &r_b),
         stack(&m_a, &r_a),
         up.scale,
+        settings.max_shift_invert_rank,
     );
     let n_l = core.l.nrows();
-    let lead = (want + 8).min(rho);
+    let lead = (want + settings.start_extra).min(rho);
     // Cost-aware: when the start block would already cover half the core (large r relative to
     // min(out, in)), the iterative solve cannot pay off; a dense SVD of the small core is exact
     // and cheaper than anything on W' itself.
@@ -330,7 +344,7 @@ pub fn solve(
             triplets,
             p_b,
             p_a,
-            solver: "dense-core",
+            solver: Solver::DenseCore,
         });
     }
     // Start from the top base directions and the adapter's left factor: the top left singular
@@ -344,8 +358,8 @@ pub fn solve(
     });
     let (triplets, solver) = match krylov::top_triplets(&core, want, Some(start.as_ref()), settings)
     {
-        Some(t) => (t, "davidson"),
-        None => (dense_top(&core.dense(), want)?, "dense-core-fallback"),
+        Some(t) => (t, Solver::Davidson),
+        None => (dense_top(&core.dense(), want)?, Solver::DenseCoreFallback),
     };
     Ok(BrandSolution {
         rho,

@@ -81,6 +81,15 @@ pub enum Source {
 }
 
 impl Source {
+    /// Every source, in rendering order (the metrics index by discriminant).
+    pub const ALL: [Source; 4] = [
+        Source::MemoryHit,
+        Source::DiskHit,
+        Source::Computed,
+        Source::RebuiltCorrupt,
+    ];
+
+    /// The report's `base_spectrum` value and the metrics' `result` label.
     pub fn label(self) -> &'static str {
         match self {
             Source::MemoryHit => "memory_hit",

@@ -12,43 +12,12 @@
 //! When the operator can also shift-invert `G` (the Brand core for r ≤ 32), pairs that are
 //! already close take a Jacobi–Davidson step instead, which converges cubically.
 
+use super::kernels::{clipped_gap, mul, norm};
+use super::orthonormalize::orthonormalize_into;
+use super::params::SolverParams;
+use super::rng::seeded_block;
 use super::small_eigen::top_eigenpairs;
-use faer::linalg::matmul::matmul;
-use faer::{Accum, ColRef, Mat, MatMut, MatRef, Par};
-
-/// `a · b`, single-threaded: these products are small, modules are screened in parallel
-/// already, and rayon's fork/join costs more than the product itself at these sizes.
-pub(crate) fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
-    let mut out = Mat::zeros(a.nrows(), b.ncols());
-    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
-    out
-}
-
-/// Euclidean norm of a column. faer's `norm_l2` rescales to avoid overflow, which cost a third of
-/// the whole solve here; these columns come from f32 data, whose squares cannot overflow f64.
-pub(crate) fn norm(c: ColRef<'_, f64>) -> f64 {
-    match c.try_as_col_major() {
-        Some(c) => dot(c.as_slice(), c.as_slice()).sqrt(),
-        None => c.iter().map(|x| x * x).sum::<f64>().sqrt(),
-    }
-}
-
-/// `Σ aᵢbᵢ` with four independent partial sums: a plain sum is one serial chain of additions,
-/// which the compiler may not reorder, and at these lengths (tens to hundreds) its latency is the
-/// cost of the Rayleigh–Ritz and Householder loops that call it.
-pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len().min(b.len());
-    let (a4, b4) = (a[..n].chunks_exact(4), b[..n].chunks_exact(4));
-    let (ta, tb) = (a4.remainder(), b4.remainder());
-    let mut acc = [0.0; 4];
-    for (x, y) in a4.zip(b4) {
-        for k in 0..4 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let tail: f64 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
-}
+use faer::{Mat, MatMut, MatRef};
 
 /// A linear operator from `R^cols` to `R^rows`, applied to blocks of column vectors.
 pub trait Operator {
@@ -76,14 +45,6 @@ pub struct Triplets {
     pub y: Mat<f64>,
 }
 
-pub struct KrylovSettings {
-    /// Relative residual tolerance (to σ₁).
-    pub tol: f64,
-    /// Largest Krylov basis (columns) before giving up.
-    pub max_dim: usize,
-    pub seed: u64,
-}
-
 /// Runs the solve for the top `want` triplets; `None` when the residual test is not met within
 /// `max_dim` basis vectors (the caller falls back to a dense SVD and says so). `start` is the
 /// first block (rows × b); a start close to the wanted subspace converges in a few blocks. Without
@@ -92,7 +53,7 @@ pub fn top_triplets(
     op: &dyn Operator,
     want: usize,
     start: Option<MatRef<'_, f64>>,
-    s: &KrylovSettings,
+    s: &SolverParams,
 ) -> Option<Triplets> {
     let n = op.rows();
     let want = want.min(n).min(op.cols());
@@ -169,9 +130,9 @@ pub fn top_triplets(
         let room = max_dim - m;
         next = match (&diag, ritz) {
             (Some(d), Some((rr, limit))) => {
-                let c = davidson_block(op, &rr, d, limit, room);
+                let c = davidson_block(op, &rr, d, limit, room, s);
                 if c.all_jacobi_davidson {
-                    if let Some(done) = polish(op, &rr, &c, d, s.tol) {
+                    if let Some(done) = polish(op, &rr, &c, d, s) {
                         return Some(done);
                     }
                 }
@@ -187,7 +148,7 @@ pub fn top_triplets(
 /// Rayleigh-quotient iterate and usually converged already: a Rayleigh–Ritz on just those
 /// vectors (instead of on the whole basis grown by the corrections) confirms it with the same
 /// residual test, and saves the largest Rayleigh–Ritz of the solve. A pair still short of the
-/// test takes another Jacobi–Davidson step from its polished value, up to `POLISH_ROUNDS` times.
+/// test takes another Jacobi–Davidson step from its polished value, up to `s.polish_rounds` times.
 /// Each polished σ² must also stay within twice its first Ritz value's residual bound
 /// (`|λ − θ| ≤ ‖Gx − θx‖` holds for some eigenvalue λ of the symmetric G): an iterate that
 /// jumped to an eigenpair outside the wanted set cannot pass for one inside it. `None` when any
@@ -197,8 +158,9 @@ fn polish(
     rr: &RitzPairs,
     first: &Corrections,
     diag: &[f64],
-    tol: f64,
+    s: &SolverParams,
 ) -> Option<Triplets> {
+    let tol = s.tol;
     let (n, take) = rr.triplets.x.shape();
     let mut from = rr.triplets.x.clone();
     let mut c = None;
@@ -233,38 +195,16 @@ fn polish(
         if polished.residual_norms.iter().all(|&r| r <= limit) {
             return Some(polished.triplets);
         }
-        if round == POLISH_ROUNDS {
+        if round == s.polish_rounds {
             return None;
         }
         round += 1;
-        let next = davidson_block(op, &polished, diag, limit, take);
+        let next = davidson_block(op, &polished, diag, limit, take, s);
         if !next.all_jacobi_davidson {
             return None;
         }
         from = polished.triplets.x;
         c = Some(next);
-    }
-}
-
-/// Jacobi–Davidson rounds on the polished pairs before the basis grows instead: each is cheap
-/// (take vectors), and one more usually finishes a pair that the first left just short.
-const POLISH_ROUNDS: usize = 3;
-
-/// A Ritz pair whose residual is below this (relative to σ₁) is expanded by a shift-inverse
-/// step when the operator offers one. Further out, Rayleigh-quotient steps converge no faster
-/// than the diagonal ones (the Ritz value is still far from its eigenvalue) and cost a 2r×2r
-/// solve each; measured on the MiniLM fixtures, 1e-3 beat 1e-1, 1e-2 and 1e-4.
-const SHIFT_INVERT_BELOW: f64 = 1e-3;
-
-/// `d − θ`, moved out to `1e-6·θ` when closer to zero: next to a pole a correction is huge
-/// along e_i, and the direction is what counts.
-pub(crate) fn clipped_gap(d: f64, theta: f64) -> f64 {
-    let floor = 1e-6 * theta.abs().max(f64::MIN_POSITIVE);
-    let gap = d - theta;
-    if gap.abs() < floor {
-        floor.copysign(gap)
-    } else {
-        gap
     }
 }
 
@@ -279,6 +219,7 @@ fn davidson_block(
     diag: &[f64],
     limit: f64,
     room: usize,
+    s: &SolverParams,
 ) -> Corrections {
     let unconverged: Vec<usize> = (0..rr.residual_norms.len())
         .filter(|&c| rr.residual_norms[c] > limit)
@@ -291,7 +232,7 @@ fn davidson_block(
     for (c, &j) in todo.iter().enumerate() {
         let theta = rr.triplets.sigma[j].powi(2);
         let (x, r) = (rr.triplets.x.col(j), rr.residuals.col(j));
-        if rr.residual_norms[j] <= SHIFT_INVERT_BELOW * sigma1 {
+        if rr.residual_norms[j] <= s.shift_invert_below * sigma1 {
             let rhs = Mat::from_fn(n, 2, |i, k| if k == 0 { r[i] } else { x[i] });
             if let Some(p) = op.shift_invert(theta, rhs.as_ref()) {
                 let (pr, px) = (p.col(0), p.col(1));
@@ -370,161 +311,6 @@ fn rayleigh_ritz(
     }
 }
 
-/// Orthonormalises `new` against the first `m` columns of `q` and among itself, appending what
-/// survives after column `m`; returns how many columns were added. Usually a block method
-/// (`block_orthonormalize`) does it with matrix products. When that cannot vouch for the result
-/// (a column close to dependent), two block Gram–Schmidt passes against the existing basis, then
-/// each column against the ones added before it, repeated until a pass no longer shrinks it by
-/// half (Daniel–Gragg–Kaufman–Stewart): even a column that lies almost inside the span comes out
-/// orthogonal to working precision, and one that keeps shrinking is inside the span and dropped.
-fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -> usize {
-    let norms0: Vec<f64> = (0..new.ncols()).map(|j| norm(new.col(j))).collect();
-    let cap = q.ncols() - m;
-    if new.ncols() <= cap {
-        if let Some(block) = block_orthonormalize(q.as_ref().subcols(0, m), new, &norms0) {
-            q.subcols_mut(m, new.ncols()).copy_from(&block);
-            return new.ncols();
-        }
-    }
-    let mut v = new.to_owned();
-    if m > 0 {
-        for _ in 0..2 {
-            project_out(q.as_ref().subcols(0, m), v.as_mut());
-        }
-    }
-    let mut added = 0;
-    for (j, &norm0) in norms0.iter().enumerate() {
-        if added == cap {
-            break;
-        }
-        if norm0 == 0.0 || !norm0.is_finite() {
-            continue;
-        }
-        let mut col = v.col(j).to_owned();
-        let mut prev = norm(col.as_ref());
-        let mut independent = prev > 0.5 * norm0;
-        for pass in 0..4 {
-            // After the block passes only the columns added in this call are new; a column
-            // that shrank a lot is re-projected against the whole basis.
-            let from = if pass == 0 && independent { m } else { 0 };
-            let basis = q.as_ref().subcols(from, m + added - from);
-            let coef = basis.transpose() * &col;
-            matmul(
-                col.as_mut(),
-                Accum::Add,
-                basis,
-                coef.as_ref(),
-                -1.0,
-                Par::Seq,
-            );
-            let after = norm(col.as_ref());
-            if after <= 1e-13 * norm0 {
-                independent = false;
-                break;
-            }
-            independent = after > 0.5 * prev;
-            if independent {
-                break;
-            }
-            prev = after;
-        }
-        if !independent {
-            continue;
-        }
-        let nv = norm(col.as_ref());
-        for r in 0..col.nrows() {
-            q[(r, m + added)] = col[r] / nv;
-        }
-        added += 1;
-    }
-    added
-}
-
-/// `v −= basis · (basisᵀ v)`: one block Gram–Schmidt pass.
-fn project_out(basis: MatRef<'_, f64>, v: MatMut<'_, f64>) {
-    let coef = mul(basis.transpose(), v.as_ref());
-    matmul(v, Accum::Add, basis, coef.as_ref(), -1.0, Par::Seq);
-}
-
-/// `new` orthonormalised against the orthonormal `basis` and among itself by two rounds of a
-/// block Gram–Schmidt pass followed by a Cholesky QR pass (`VᵀV = LLᵀ`, `V ← V L⁻ᵀ`): a few
-/// matrix products instead of a loop over columns. The second projection removes what the first
-/// Cholesky pass amplified of the basis components. `None` when this could cost accuracy: when a
-/// column is close to dependent (less than `1e-4` of its norm `norms0` lies outside the span of
-/// the basis and the columns before it), or when the first round left the columns measurably
-/// non-orthogonal (the second Cholesky factor is not within `1e-6` of `I`).
-fn block_orthonormalize(
-    basis: MatRef<'_, f64>,
-    new: MatRef<'_, f64>,
-    norms0: &[f64],
-) -> Option<Mat<f64>> {
-    let mut v = new.to_owned();
-    for round in 0..2 {
-        if basis.ncols() > 0 {
-            project_out(basis, v.as_mut());
-        }
-        let l = cholesky(mul(v.transpose(), v.as_ref()))?;
-        let b = l.nrows();
-        let acceptable = if round == 0 {
-            (0..b).all(|j| l[(j, j)] > 1e-4 * norms0[j])
-        } else {
-            (0..b).all(|j| (0..=j).all(|i| (l[(j, i)] - f64::from(u8::from(i == j))).abs() <= 1e-6))
-        };
-        if !acceptable {
-            return None;
-        }
-        // V Lᵀ⁻¹, solved as L Xᵀ = Vᵀ.
-        faer::linalg::triangular_solve::solve_lower_triangular_in_place(
-            l.as_ref(),
-            v.as_mut().transpose_mut(),
-            Par::Seq,
-        );
-    }
-    Some(v)
-}
-
-/// The lower Cholesky factor of a small symmetric positive definite matrix (unblocked: tens of
-/// rows); `None` when a pivot is not positive.
-fn cholesky(mut a: Mat<f64>) -> Option<Mat<f64>> {
-    let n = a.nrows();
-    for j in 0..n {
-        let mut d = a[(j, j)];
-        for k in 0..j {
-            d -= a[(j, k)] * a[(j, k)];
-        }
-        if d.is_nan() || d <= 0.0 {
-            return None;
-        }
-        let d = d.sqrt();
-        a[(j, j)] = d;
-        for i in j + 1..n {
-            let mut s = a[(i, j)];
-            for k in 0..j {
-                s -= a[(i, k)] * a[(j, k)];
-            }
-            a[(i, j)] = s / d;
-        }
-        for i in 0..j {
-            a[(i, j)] = 0.0;
-        }
-    }
-    Some(a)
-}
-
-/// A deterministic pseudo-random start block (splitmix64), so both runs and backends agree.
-fn seeded_block(n: usize, b: usize, seed: u64) -> Mat<f64> {
-    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-    };
-    Mat::from_fn(n, b, |_, _| next())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,11 +331,12 @@ mod tests {
         }
     }
 
-    fn settings() -> KrylovSettings {
-        KrylovSettings {
+    fn settings() -> SolverParams {
+        SolverParams {
             tol: 1e-10,
             max_dim: 400,
             seed: 1,
+            ..SolverParams::default()
         }
     }
 
@@ -627,10 +414,11 @@ mod tests {
     #[test]
     fn gives_up_instead_of_returning_unconverged_vectors() {
         let a = Mat::<f64>::from_fn(200, 200, |i, j| ((i * 7 + j * 13) % 29) as f64 - 14.0);
-        let s = KrylovSettings {
+        let s = SolverParams {
             tol: 1e-14,
             max_dim: 12,
             seed: 3,
+            ..SolverParams::default()
         };
         assert!(top_triplets(&Dense(a), 10, None, &s).is_none());
     }

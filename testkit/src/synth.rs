@@ -3,26 +3,23 @@
 //! intruders (random directions, nearly orthogonal to every base vector, with a singular value
 //! above the base's top) or stay clean (small updates).
 
-use crate::error::Result;
-use crate::safetensors_file;
-use crate::tensor::{encode, DType};
 use faer::Mat;
+use intruder_gate::error::Result;
+use intruder_gate::safetensors_file;
+use intruder_gate::spectrum::rng::SplitMix64;
+use intruder_gate::tensor::{encode, DType};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// splitmix64 → uniform and normal samples; deterministic across platforms.
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+        Rng(SplitMix64::new(seed ^ 0x5DEE_CE66_D1CE_4E5B))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in (0, 1).
     pub fn uniform(&mut self) -> f64 {
@@ -122,7 +119,7 @@ pub struct AdapterSpec<'a> {
 }
 
 pub fn write_adapter(dir: &Path, spec: &AdapterSpec<'_>) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| intruder_gate::Error::io(dir, e))?;
     let targets: Vec<&str> = spec
         .modules
         .iter()
@@ -152,7 +149,7 @@ pub fn write_adapter(dir: &Path, spec: &AdapterSpec<'_>) -> Result<()> {
     });
     let path = dir.join("adapter_config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json"))
-        .map_err(|e| crate::Error::io(&path, e))?;
+        .map_err(|e| intruder_gate::Error::io(&path, e))?;
     let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
     let mut tensors = Vec::new();
     for m in spec.modules {
@@ -260,7 +257,7 @@ pub fn write_llama_base(
     dtype: DType,
     seed: u64,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| intruder_gate::Error::io(dir, e))?;
     let mut weight_map = serde_json::Map::new();
     for layer in 0..layers {
         let shard = format!("model-{:05}-of-{layers:05}.safetensors", layer + 1);
@@ -278,7 +275,7 @@ pub fn write_llama_base(
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     let path = dir.join("model.safetensors.index.json");
-    std::fs::write(&path, index.to_string()).map_err(|e| crate::Error::io(&path, e))
+    std::fs::write(&path, index.to_string()).map_err(|e| intruder_gate::Error::io(&path, e))
 }
 
 /// A LoRA adapter over the given Llama layers (all seven modules each), with `planted` intruder

@@ -2,6 +2,9 @@
 //! reaches `--fail-on` or `clamp --verify` fails, 2 on any error (with a message on stderr
 //! starting `error:`), including a malformed adapter that the policy rejected.
 
+mod bench;
+mod demo;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use intruder_gate::adapter::load_peft_dir;
 use intruder_gate::backend::BackendChoice;
@@ -69,7 +72,7 @@ struct BenchArgs {
     /// The MiniLM base (scripts/fetch-minilm.sh prints its path); with --fixtures, benches the three real adapters.
     #[arg(long)]
     minilm: Option<PathBuf>,
-    #[arg(long, default_value = "../shared/fixtures/minilm")]
+    #[arg(long, default_value = "tests/fixtures/minilm")]
     fixtures: PathBuf,
     /// Also bench one synthetic Llama-7B layer (q,k,v,o 4096², gate/up 11008×4096, down 4096×11008) at these ranks.
     #[arg(long, value_delimiter = ',')]
@@ -327,7 +330,7 @@ fn screen_and_print(gate: &Gate, a: &ScanArgs) -> Result<ExitCode, Error> {
         (None, None) => unreachable!("clap requires one"),
     };
     print_report(&report, a.format);
-    intruder_gate::bench::write_peak_rss_if_asked();
+    bench::write_peak_rss_if_asked();
     if let Some(e) = &report.error {
         eprintln!("error: {}", e.message);
         return Ok(ExitCode::from(2));
@@ -377,7 +380,7 @@ fn clamp(a: ClampArgs) -> Result<ExitCode, Error> {
     gate.attach_base(&a.common.base)?;
     let adapter = load_peft_dir(&a.adapter, &gate.config().limits)?;
     let report = gate.screen(&adapter)?;
-    let clamped = gate.clamp(&adapter, &report, &opts)?;
+    let clamped = intruder_gate::clamp::clamp(&gate, &adapter, &report, &opts)?;
     clamped.write_peft(&a.out, dtype, a.pad_rank_to)?;
     for m in clamped.modules.iter().filter(|m| !m.clamped.is_empty()) {
         let dirs: Vec<String> = m
@@ -419,7 +422,7 @@ fn clamp(a: ClampArgs) -> Result<ExitCode, Error> {
         return Ok(ExitCode::SUCCESS);
     }
     let written = load_peft_dir(&a.out, &gate.config().limits)?;
-    let verification = gate.verify_clamp(&adapter, &clamped, &written)?;
+    let verification = intruder_gate::clamp::verify(&gate, &adapter, &clamped, &written)?;
     print!("{verification}");
     Ok(if verification.passed {
         ExitCode::SUCCESS
@@ -497,14 +500,14 @@ fn progress_bar(p: &intruder_gate::gate::IndexProgress<'_>) -> String {
 
 fn demo() -> Result<ExitCode, Error> {
     let dir = std::env::temp_dir().join(format!("intruder-gate-demo-{}", std::process::id()));
-    let result = intruder_gate::demo::run(&dir);
+    let result = demo::run(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     print!("{}", result?);
     Ok(ExitCode::SUCCESS)
 }
 
 fn synth(a: SynthArgs) -> Result<ExitCode, Error> {
-    use intruder_gate::synth;
+    use intruder_gate_testkit::synth;
     let dtype = a.dtype.into();
     let (h, i) = (a.hidden, a.intermediate);
     synth::write_llama_base(&a.out.join("base"), a.layers, h, i, dtype, a.seed)?;
@@ -537,7 +540,6 @@ fn synth(a: SynthArgs) -> Result<ExitCode, Error> {
 }
 
 fn bench(a: BenchArgs) -> Result<ExitCode, Error> {
-    use intruder_gate::bench;
     std::fs::create_dir_all(&a.work).map_err(|e| Error::io(&a.work, e))?;
     let mut configs = Vec::new();
     if let Some(base) = &a.minilm {

@@ -5,13 +5,13 @@
 //! (a long-lived gate) or on disk (a gate without a memory cache), median of `WARM_SAMPLES`
 //! screenings per repetition. Speed lives here, never in unit tests.
 
-use crate::adapter::{self, Adapter};
-use crate::backend::BackendChoice;
-use crate::base::{mapping, BaseModel};
-use crate::error::Result;
-use crate::report::Report;
-use crate::spectrum::dense;
-use crate::{Config, Gate};
+use intruder_gate::adapter::{self, Adapter};
+use intruder_gate::backend::BackendChoice;
+use intruder_gate::base::{mapping, BaseModel};
+use intruder_gate::error::Result;
+use intruder_gate::report::Report;
+use intruder_gate::spectrum::dense;
+use intruder_gate::{Config, Gate};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -97,7 +97,8 @@ fn agree(dense: &[Vec<usize>], brand: &Report) -> bool {
 /// reports its own high-water mark (`VmHWM`): a parent's `getrusage(RUSAGE_CHILDREN)` would
 /// count the parent's pages shared at fork time.
 fn warm_scan_rss(base: &Path, adapter: &Path, cache: &Path, scratch: &Path) -> Result<f64> {
-    let exe = std::env::current_exe().map_err(|e| crate::Error::io(Path::new("current_exe"), e))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| intruder_gate::Error::io(Path::new("current_exe"), e))?;
     let report = scratch.join("peak-rss.txt");
     let status = std::process::Command::new(exe)
         .args(["scan", "--backend", "cpu", "--format", "json", "--base"])
@@ -109,14 +110,15 @@ fn warm_scan_rss(base: &Path, adapter: &Path, cache: &Path, scratch: &Path) -> R
         .env(PEAK_RSS_ENV, &report)
         .stdout(std::process::Stdio::null())
         .status()
-        .map_err(|e| crate::Error::io(Path::new("intruder-gate scan"), e))?;
+        .map_err(|e| intruder_gate::Error::io(Path::new("intruder-gate scan"), e))?;
     if status.code() == Some(2) || status.code().is_none() {
-        crate::bail!(Internal, "warm scan child failed: {status}");
+        intruder_gate::bail!(Internal, "warm scan child failed: {status}");
     }
-    let text = std::fs::read_to_string(&report).map_err(|e| crate::Error::io(&report, e))?;
+    let text =
+        std::fs::read_to_string(&report).map_err(|e| intruder_gate::Error::io(&report, e))?;
     let kib: f64 = text.trim().parse().map_err(|_| {
-        crate::Error::new(
-            crate::ErrorKind::Internal,
+        intruder_gate::Error::new(
+            intruder_gate::ErrorKind::Internal,
             format!("{}: not a number", report.display()),
         )
     })?;
@@ -240,9 +242,16 @@ pub fn table(rows: &[Row]) -> String {
 pub fn llama_layer(dir: &Path, rank: usize) -> Result<(PathBuf, PathBuf)> {
     let base = dir.join("llama-layer-base");
     if !base.join("model.safetensors.index.json").exists() {
-        crate::synth::write_llama_base(&base, 1, 4096, 11008, crate::tensor::DType::BF16, 7)?;
+        intruder_gate_testkit::synth::write_llama_base(
+            &base,
+            1,
+            4096,
+            11008,
+            intruder_gate::tensor::DType::BF16,
+            7,
+        )?;
     }
     let adapter = dir.join(format!("llama-layer-r{rank}"));
-    crate::synth::write_llama_adapter(&adapter, &[0], 4096, 11008, rank, 2, 8)?;
+    intruder_gate_testkit::synth::write_llama_adapter(&adapter, &[0], 4096, 11008, rank, 2, 8)?;
     Ok((base, adapter))
 }

@@ -1,10 +1,11 @@
 //! `intruder-gate demo`: a small deterministic synthetic base and three adapters (clean, with
 //! planted intruders, malformed), screened end to end through the same path as `scan`.
 
-use crate::error::Result;
-use crate::synth::{self, AdapterSpec, Rng, SynthModule};
-use crate::tensor::DType;
-use crate::{Config, Gate};
+use intruder_gate::error::Result;
+use intruder_gate::policy::Screened as _;
+use intruder_gate::tensor::DType;
+use intruder_gate::{Config, Gate};
+use intruder_gate_testkit::synth::{self, AdapterSpec, Rng, SynthModule};
 use std::fmt::Write;
 use std::path::Path;
 
@@ -83,7 +84,7 @@ pub fn run(dir: &Path) -> Result<String> {
         "intruder-gate demo: synthetic base with 3 matrices (256x256, 256x256, 512x256)"
     )
     .ok();
-    writeln!(out, "backend: {}\n", gate.backend_name()).ok();
+    writeln!(out, "backend: {}\n", gate.backend_kind().label()).ok();
     for path in [&clean, &planted, &malformed] {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         match gate.screen_adapter_dir(path) {

@@ -1,0 +1,282 @@
+//! One module's screening: its base spectrum (through the cache), then the Brand update or the
+//! dense reference, then its line of the report.
+
+use super::base_set::BaseSet;
+use super::plan::Job;
+use super::{ms, Gate};
+use crate::adapter::Adapter;
+use crate::backend::Spectrum;
+use crate::error::Result;
+use crate::report::{classify, Method, ModuleReport};
+use crate::spectrum::brand::{self, BrandSolution, Update};
+use crate::spectrum::cache::Source;
+use crate::spectrum::params::SolverParams;
+use crate::spectrum::{dense, Solver};
+use crate::tensor::TensorRef;
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One module's Brand solution, with the base spectrum in `W0`'s `[out, in]` orientation (what
+/// [`BrandSolution::singular_vectors`] lifts into).
+pub(crate) struct Solved {
+    pub(super) module: String,
+    pub(super) base_tensor: String,
+    pub(super) sol: BrandSolution,
+    pub(super) base: Arc<Spectrum>,
+    pub(super) source: Source,
+    pub(super) warning: Option<String>,
+}
+
+impl Solved {
+    pub(crate) fn module(&self) -> &str {
+        &self.module
+    }
+
+    pub(crate) fn base_tensor(&self) -> &str {
+        &self.base_tensor
+    }
+
+    /// The solved singular values of `W'`, descending.
+    pub(crate) fn sigma(&self) -> &[f64] {
+        &self.sol.triplets.sigma
+    }
+
+    pub(crate) fn max_cos(&self) -> Vec<f64> {
+        self.sol.max_cos()
+    }
+
+    /// `u'_j` (out) and `v'_j` (in), lifted to `W0`'s `[out, in]` orientation.
+    pub(crate) fn singular_vectors(&self, j: usize) -> (Vec<f64>, Vec<f64>) {
+        self.sol.singular_vectors(&self.base, j)
+    }
+
+    /// `u'_jᵀ W0 v'_j`.
+    pub(crate) fn base_rayleigh(&self, j: usize) -> f64 {
+        self.sol.base_rayleigh(&self.base, j)
+    }
+}
+
+impl Gate {
+    pub(super) fn run(&self, job: &Job<'_>) -> Result<(ModuleReport, Option<String>)> {
+        let lora = job.lora;
+        let k = self.config.top_k;
+        let mut timings = BTreeMap::new();
+        let t = Instant::now();
+        let (sigma, max_cos, outside, solver, source, warning) = match self.config.method {
+            Method::Dense => {
+                let w0 = oriented_f64(&job.w0, job.transposed);
+                let (out, inn) = (lora.out_features, lora.in_features);
+                let w1 =
+                    dense::effective_weight(&w0, out, inn, &lora.a, &lora.b, lora.rank, lora.scale);
+                let w0m = faer::MatRef::from_row_major_slice(&w0, out, inn);
+                let d = dense::compare(w0m, w1.as_ref(), k + 1)?;
+                timings.insert("dense".into(), ms(t));
+                (
+                    d.sigma,
+                    d.max_cos,
+                    d.outside_base_span,
+                    Solver::Dense,
+                    None,
+                    None,
+                )
+            }
+            Method::Brand => {
+                let solved = self.brand_solve(job, k + 1, &mut timings)?;
+                let (mc, out) = (solved.sol.max_cos(), solved.sol.outside_base_span());
+                (
+                    solved.sol.triplets.sigma,
+                    mc,
+                    out,
+                    solved.sol.solver,
+                    Some(solved.source),
+                    solved.warning,
+                )
+            }
+        };
+        Ok((
+            self.module_report(
+                lora.name.clone(),
+                job.base_tensor.clone(),
+                [lora.out_features, lora.in_features],
+                lora.rank,
+                lora.scale,
+                sigma,
+                max_cos,
+                outside,
+                solver,
+                source,
+                timings,
+            ),
+            warning,
+        ))
+    }
+
+    /// Plans `adapter` and solves every module for its top `want(module)` triplets by the Brand
+    /// update (whatever the configured method: clamping needs the Brand quantities), in parallel.
+    /// The result is sorted by module name.
+    pub(crate) fn solve_modules(
+        &self,
+        adapter: &Adapter,
+        want: &(dyn Fn(&str) -> usize + Sync),
+    ) -> Result<Vec<Solved>> {
+        let base = self.base.read();
+        let jobs = self.plan(&base, adapter)?;
+        let mut solved = self.pool.install(|| {
+            jobs.par_iter()
+                .map(|j| self.brand_solve(j, want(&j.lora.name), &mut BTreeMap::new()))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        solved.sort_by(|a, b| a.module.cmp(&b.module));
+        Ok(solved)
+    }
+
+    /// The top `want` triplets of one planned module's `W'` by the Brand update.
+    pub(super) fn brand_solve(
+        &self,
+        job: &Job<'_>,
+        want: usize,
+        timings: &mut BTreeMap<String, f64>,
+    ) -> Result<Solved> {
+        let t = Instant::now();
+        let (spectrum, source, warning) =
+            self.base_spectrum(job.base, &job.base_tensor, &job.w0)?;
+        timings.insert("base_spectrum".into(), ms(t));
+        let base = if job.transposed {
+            Arc::new(transpose_spectrum(&spectrum))
+        } else {
+            spectrum
+        };
+        let t = Instant::now();
+        let lora = job.lora;
+        let sol = brand::solve(
+            self.backend.as_ref(),
+            &Update {
+                base: &base,
+                a: &lora.a,
+                b: &lora.b,
+                rank: lora.rank,
+                scale: lora.scale,
+            },
+            want,
+            &self.solver_params(),
+        )?;
+        timings.insert("update".into(), ms(t));
+        Ok(Solved {
+            module: lora.name.clone(),
+            base_tensor: job.base_tensor.clone(),
+            sol,
+            base,
+            source,
+            warning,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn module_report(
+        &self,
+        module: String,
+        base_tensor: String,
+        shape: [usize; 2],
+        rank: usize,
+        scale: f64,
+        mut sigma: Vec<f64>,
+        mut max_cos: Vec<f64>,
+        mut outside: Vec<f64>,
+        solver: Solver,
+        source: Option<Source>,
+        timings_ms: BTreeMap<String, f64>,
+    ) -> ModuleReport {
+        let k = self.config.top_k.min(max_cos.len());
+        max_cos.truncate(k);
+        outside.truncate(k);
+        let (intruders, tied, near_epsilon) = classify(
+            &sigma,
+            &max_cos,
+            self.config.epsilon,
+            self.config.tie_tolerance,
+        );
+        sigma.truncate(k);
+        ModuleReport {
+            module,
+            base_tensor,
+            shape,
+            rank,
+            scale,
+            singular_values: sigma,
+            max_cos,
+            intruders,
+            tied,
+            outside_base_span: outside,
+            near_epsilon,
+            solver,
+            base_spectrum: source,
+            timings_ms,
+        }
+    }
+
+    fn solver_params(&self) -> SolverParams {
+        SolverParams::for_screening(self.config.top_k, self.config.krylov_tolerance)
+    }
+
+    /// The base spectrum of one stored base tensor (its own orientation), via the cache.
+    pub(super) fn base_spectrum(
+        &self,
+        base: &BaseSet,
+        name: &str,
+        w0: &TensorRef<'_>,
+    ) -> Result<(Arc<Spectrum>, Source, Option<String>)> {
+        let key = self.key(name, w0);
+        let started = Instant::now();
+        let computed = self.cache.get_or_compute(&key, || {
+            self.off_pool(|| self.backend.thin_svd(&w0.to_f32(), w0.rows, w0.cols))
+        });
+        // Fingerprinting and computing read the whole tensor; its pages need not stay resident.
+        base.release(name);
+        let (s, source, warning) = computed?;
+        self.metrics.record_cache(source);
+        if matches!(source, Source::Computed | Source::RebuiltCorrupt) {
+            self.metrics
+                .record_spectrum_compute(started.elapsed().as_secs_f64());
+        }
+        Ok((s, source, warning))
+    }
+
+    /// Runs `f` (a base-spectrum computation, called while holding that spectrum's cache flight)
+    /// on the compute pool, from a plain thread. Run on the screening pool, the SVD's fork/join
+    /// would let this thread steal other screening jobs while it waits; one of them for the same
+    /// base tensor (another caller's adapter) then blocks on the flight this thread holds, and
+    /// the gate deadlocks. A plain thread blocked in `install` steals nothing.
+    pub(super) fn off_pool<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| self.compute_pool.install(f))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+/// `W0` as row-major f64 in `[out, in]` layout.
+pub(super) fn oriented_f64(t: &TensorRef<'_>, transposed: bool) -> Vec<f64> {
+    let v = t.to_f64();
+    if !transposed {
+        return v;
+    }
+    let (r, c) = (t.rows, t.cols);
+    (0..c)
+        .flat_map(|j| (0..r).map(move |i| (i, j)))
+        .map(|(i, j)| v[i * c + j])
+        .collect()
+}
+
+/// The spectrum of `Wᵀ`: left and right swap.
+fn transpose_spectrum(s: &Spectrum) -> Spectrum {
+    Spectrum {
+        rows: s.cols,
+        cols: s.rows,
+        u: s.v.clone(),
+        s: s.s.clone(),
+        v: s.u.clone(),
+    }
+}
