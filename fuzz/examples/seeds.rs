@@ -3,10 +3,10 @@
 //! Real inputs (the MiniLM fixtures), synthetic adapters for the fuzz base, and one input per
 //! defect of issue 15 that the target can express (named `defect-*`).
 
-use intruder_gate_testkit::synth::{self, AdapterSpec, Rng, SynthModule};
 use intruder_gate::tensor::DType;
 use intruder_gate::Policy;
 use intruder_gate_fuzz::{join_adapter_input, scratch, write_seed_adapter, BASE_MODULES};
+use intruder_gate_testkit::synth::{self, AdapterSpec, Rng, SynthModule};
 use std::path::{Path, PathBuf};
 
 fn main() {

@@ -5,6 +5,7 @@
 //! with intruders is clamped, and the clamped adapter must screen again.
 #![no_main]
 
+use intruder_gate::clamp::clamp;
 use intruder_gate::ClampOptions;
 use intruder_gate_fuzz::{check_report, gate, scratch, split_adapter_input};
 use libfuzzer_sys::fuzz_target;
@@ -25,8 +26,7 @@ fuzz_target!(|data: &[u8]| {
     let Some(adapter) = adapter.filter(|_| report.total_intruders > 0) else {
         return;
     };
-    let clamped = gate
-        .clamp(&adapter, &report, &ClampOptions::default())
+    let clamped = clamp(gate, &adapter, &report, &ClampOptions::default())
         .expect("an adapter that screened clamps");
     let again = clamped
         .to_adapter(clamped.dtype, None)

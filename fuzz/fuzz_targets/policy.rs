@@ -26,5 +26,5 @@ fuzz_target!(|data: &[u8]| {
         fired.iter().all(|f| f.value.is_finite()),
         "a fired rule's value is not finite"
     );
-    let _ = policy.evaluate(&[]);
+    let _ = policy.evaluate::<intruder_gate::report::ModuleReport>(&[]);
 });

@@ -2,9 +2,9 @@
 //! input layout of the end-to-end target, and the checks every successful report must pass.
 
 use intruder_gate::limits::Limits;
-use intruder_gate_testkit::synth::{self, AdapterSpec, Rng, SynthModule};
 use intruder_gate::tensor::DType;
 use intruder_gate::{Config, Gate, Report};
+use intruder_gate_testkit::synth::{self, AdapterSpec, Rng, SynthModule};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
