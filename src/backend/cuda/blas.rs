@@ -60,49 +60,35 @@ pub trait GemmScalar: cudarc::driver::DeviceRepr + Copy {
     ) -> blas_sys::cublasStatus_t;
 }
 
-impl GemmScalar for f32 {
-    const NAME: &'static str = "SGEMM";
-    unsafe fn raw(
-        h: blas_sys::cublasHandle_t,
-        ta: blas_sys::cublasOperation_t,
-        tb: blas_sys::cublasOperation_t,
-        m: c_int,
-        n: c_int,
-        k: c_int,
-        alpha: &f32,
-        a: *const f32,
-        lda: c_int,
-        b: *const f32,
-        ldb: c_int,
-        beta: &f32,
-        c: *mut f32,
-        ldc: c_int,
-    ) -> blas_sys::cublasStatus_t {
-        blas_sys::cublasSgemm_v2(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-    }
+/// `impl GemmScalar` for one element type and its cuBLAS routine.
+macro_rules! gemm_scalar {
+    ($t:ty, $name:literal, $routine:ident) => {
+        impl GemmScalar for $t {
+            const NAME: &'static str = $name;
+            unsafe fn raw(
+                h: blas_sys::cublasHandle_t,
+                ta: blas_sys::cublasOperation_t,
+                tb: blas_sys::cublasOperation_t,
+                m: c_int,
+                n: c_int,
+                k: c_int,
+                alpha: &$t,
+                a: *const $t,
+                lda: c_int,
+                b: *const $t,
+                ldb: c_int,
+                beta: &$t,
+                c: *mut $t,
+                ldc: c_int,
+            ) -> blas_sys::cublasStatus_t {
+                blas_sys::$routine(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+            }
+        }
+    };
 }
 
-impl GemmScalar for f64 {
-    const NAME: &'static str = "DGEMM";
-    unsafe fn raw(
-        h: blas_sys::cublasHandle_t,
-        ta: blas_sys::cublasOperation_t,
-        tb: blas_sys::cublasOperation_t,
-        m: c_int,
-        n: c_int,
-        k: c_int,
-        alpha: &f64,
-        a: *const f64,
-        lda: c_int,
-        b: *const f64,
-        ldb: c_int,
-        beta: &f64,
-        c: *mut f64,
-        ldc: c_int,
-    ) -> blas_sys::cublasStatus_t {
-        blas_sys::cublasDgemm_v2(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-    }
-}
+gemm_scalar!(f32, "SGEMM", cublasSgemm_v2);
+gemm_scalar!(f64, "DGEMM", cublasDgemm_v2);
 
 impl Device {
     /// Default math mode: no TF32 (that needs CUBLAS_TF32_TENSOR_OP_MATH) for SGEMM, plain f64

@@ -110,6 +110,9 @@ fn bad(what: &str) -> CudaError {
 
 fn upload_op<E: Engine>(e: &E, op: &DeviceOperator<'_>, plan: &RsvdPlan) -> R<Op<E::Buf>> {
     let (rows, cols) = (op.rows, op.cols);
+    if op.dense.is_empty() && op.low_rank.is_none() {
+        return Err(bad("the operator has no term"));
+    }
     if op.row_scale.is_some_and(|d| d.len() != rows) {
         return Err(bad("row scale length differs from the rows"));
     }
