@@ -80,10 +80,16 @@ impl<B> Op<B> {
     }
 }
 
-/// Row-major `t` (rows×cols) as f64 into a device buffer, each row times `scale[row]`.
-fn upload_tensor<E: Engine>(e: &E, t: &TensorRef<'_>, scale: Option<&[f64]>) -> R<E::Buf> {
+/// Row-major `t` (rows×cols) as f64 into a device buffer, each row times `scale[row]`,
+/// converted in chunks of about `chunk` elements (whole rows).
+fn upload_tensor<E: Engine>(
+    e: &E,
+    t: &TensorRef<'_>,
+    scale: Option<&[f64]>,
+    chunk: usize,
+) -> R<E::Buf> {
     let mut buf = e.zeros(t.rows * t.cols)?;
-    let rows_per = (CHUNK_ELEMS / t.cols.max(1)).max(1);
+    let rows_per = (chunk / t.cols.max(1)).max(1);
     let row_bytes = t.cols * t.dtype.size();
     for r0 in (0..t.rows).step_by(rows_per) {
         let nr = rows_per.min(t.rows - r0);
@@ -121,7 +127,7 @@ fn upload_op<E: Engine>(e: &E, op: &DeviceOperator<'_>, plan: &RsvdPlan) -> R<Op
         if (t.rows, t.cols) != (rows, cols) {
             return Err(bad("a dense term's shape differs from the operator's"));
         }
-        dense.push((*coef, upload_tensor(e, t, op.row_scale)?));
+        dense.push((*coef, upload_tensor(e, t, op.row_scale, CHUNK_ELEMS)?));
     }
     let r = plan.op.rank;
     let low_rank = match &op.low_rank {
@@ -604,6 +610,30 @@ mod tests {
             dense: vec![(1.0, TensorRef::new(dtype, rows, cols, bytes).unwrap())],
             low_rank: None,
             row_scale: None,
+        }
+    }
+
+    #[test]
+    fn uploads_convert_every_dtype_in_row_chunks_with_the_row_scale() {
+        let (rows, cols) = (7, 5);
+        let w32 = random32(rows * cols, 3);
+        let d: Vec<f64> = (0..rows).map(|i| 1.0 + i as f64).collect();
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            let bytes = encode(&w32, dtype);
+            let t = TensorRef::new(dtype, rows, cols, &bytes).unwrap();
+            let want: Vec<f64> = t
+                .to_f64()
+                .iter()
+                .enumerate()
+                .map(|(ij, x)| x * d[ij / cols])
+                .collect();
+            for chunk in [1, 6, 11, 1 << 20] {
+                let e = HostEngine::default();
+                let buf = upload_tensor(&e, &t, Some(&d), chunk).unwrap();
+                assert_eq!(buf.data, want, "{dtype:?}, chunk {chunk}");
+                let uploads = e.count("upload");
+                assert_eq!(uploads, rows.div_ceil((chunk / cols).max(1)), "{dtype:?}");
+            }
         }
     }
 
