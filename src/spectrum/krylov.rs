@@ -325,14 +325,15 @@ struct Corrections {
 }
 
 /// Ritz triplets and, per triplet, the residual `G x − σ² x` and `‖K y − σ x‖`.
-struct RitzPairs {
-    triplets: Triplets,
-    residuals: Mat<f64>,
-    residual_norms: Vec<f64>,
+pub(crate) struct RitzPairs {
+    pub(crate) triplets: Triplets,
+    pub(crate) residuals: Mat<f64>,
+    pub(crate) residual_norms: Vec<f64>,
 }
 
-/// Ritz triplets of the top `want` from the basis, with their residuals.
-fn rayleigh_ritz(
+/// Ritz triplets of the top `want` from the basis (`q` orthonormal, `z = Kᵀq`, `w = K z`,
+/// `t = zᵀz`, first `m` columns), with their residuals.
+pub(crate) fn rayleigh_ritz(
     q: &Mat<f64>,
     z: &Mat<f64>,
     w: &Mat<f64>,
@@ -377,7 +378,7 @@ fn rayleigh_ritz(
 /// each column against the ones added before it, repeated until a pass no longer shrinks it by
 /// half (Daniel–Gragg–Kaufman–Stewart): even a column that lies almost inside the span comes out
 /// orthogonal to working precision, and one that keeps shrinking is inside the span and dropped.
-fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -> usize {
+pub(crate) fn orthonormalize_into(mut q: MatMut<'_, f64>, m: usize, new: MatRef<'_, f64>) -> usize {
     let norms0: Vec<f64> = (0..new.ncols()).map(|j| norm(new.col(j))).collect();
     let cap = q.ncols() - m;
     if new.ncols() <= cap {

@@ -4,5 +4,7 @@ pub mod brand;
 pub mod cache;
 pub mod dense;
 pub mod krylov;
+pub mod randomized;
 mod shift_invert;
 mod small_eigen;
+pub mod tuned;
