@@ -104,5 +104,5 @@ print(f"| verdicts CPU vs GPU (layer 0) | {'identical' if same else 'DIFFERENT'}
 print(f"| max abs diff of max_cos, CPU vs GPU spectra (layer 0) | {dcos:.2e} |")
 print(f"| intruders found (all layers): CPU scan / GPU scan | {cs['total_intruders']} / {gs['total_intruders']} |")
 print(f"| randomized top-k on the device (Philox sketch, DGEMM, QR, syevd; residuals host-checked) | {rsvd_row} |")
-print("| randomized `scan --tuned --backend cuda`, merged / full-FT layer | unmeasured: the --tuned path does not call Backend::randomized_top_k yet |")
+print("| randomized `scan --tuned --backend cuda`, merged / full-FT layer | unmeasured: spectrum::tuned reaches the device solver, the gate does not call spectrum::tuned yet |")
 PY

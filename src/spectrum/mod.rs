@@ -3,6 +3,7 @@
 pub mod brand;
 pub mod cache;
 pub mod dense;
+pub mod device;
 pub mod krylov;
 pub mod randomized;
 mod shift_invert;

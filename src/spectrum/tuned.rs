@@ -9,7 +9,7 @@
 
 use super::brand::{self, Update};
 use super::krylov::{KrylovSettings, Triplets};
-use super::randomized::{self, DenseOp, LowRankParams, Operator, RandomizedParams};
+use super::randomized::{self, DenseOp, LowRankParams, Operator, RandomizedParams, RandomizedSvd};
 use crate::backend::{Backend, Spectrum};
 use crate::error::Result;
 use crate::tensor::{DType, TensorRef};
@@ -126,6 +126,9 @@ pub fn screen_checkpoint_matrix(
         }
         Err(_) => {
             drop(delta_op);
+            if let Some(svd) = super::device::top_k(backend, w1, want, params)? {
+                return screened(backend, base, svd);
+            }
             screen_operator(
                 backend,
                 base,
@@ -146,7 +149,11 @@ pub fn screen_operator(
     want: usize,
     params: &RandomizedParams,
 ) -> Result<Screened> {
-    let svd = randomized::top_k(op, want, params)?;
+    screened(backend, base, randomized::top_k(op, want, params)?)
+}
+
+/// A randomized solve's triplets compared with the base.
+fn screened(backend: &dyn Backend, base: &Spectrum, svd: RandomizedSvd) -> Result<Screened> {
     let (max_cos, outside) = against_base(backend, base, &svd.triplets)?;
     Ok(Screened {
         residual: Some(svd.worst_relative_residual()),

@@ -261,6 +261,35 @@ impl Backend for CudaBackend {
     }
 }
 
+/// The device algorithms run on the host models of every CUDA call (the CPU backend's projection
+/// for the rest): lets tests outside this module drive the device code path end to end.
+#[cfg(test)]
+pub(crate) struct HostModelBackend;
+
+#[cfg(test)]
+impl Backend for HostModelBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn device(&self) -> String {
+        "host models of the CUDA calls".into()
+    }
+    fn thin_svd(&self, w: &[f32], rows: usize, cols: usize) -> Result<Spectrum> {
+        let plan = SvdPlan::new(rows, cols)?;
+        Ok(svd::thin_svd(&host::HostEngine::default(), w, &plan)?)
+    }
+    fn project(&self, basis: &[f32], k: usize, n: usize, x: &[f32], r: usize) -> Result<Vec<f32>> {
+        super::cpu::CpuBackend.project(basis, k, n, x, r)
+    }
+    fn randomized_top_k(
+        &self,
+        op: &DeviceOperator<'_>,
+        params: &TopKParams,
+    ) -> Result<Option<DeviceTopK>> {
+        Ok(randomized::top_k(&host::HostEngine::default(), op, params)?)
+    }
+}
+
 fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
