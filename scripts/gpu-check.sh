@@ -2,7 +2,9 @@
 # The GPU check: run once on a machine with an NVIDIA GPU. Builds in release (or uses prebuilt
 # binaries from $IG_PREBUILT), runs the CUDA tests, then times `index` and a warm `scan` on a
 # synthetic Llama-7B-shaped model generated on the spot (LAYERS × q,k,v,o,gate,up,down; r=16,
-# all-linear), CPU against GPU where the CPU part is affordable, and prints one table.
+# all-linear), CPU against GPU where the CPU part is affordable, and prints one table, with the
+# randomized top-k solver's device rows (from its device test on a Llama-shaped bf16 layer).
+# IG_REQUIRE_CUDA=1: a CUDA test that cannot open the device fails instead of skipping.
 #
 #   scripts/gpu-check.sh            # LAYERS=32 by default; WORK=dir keeps the files;
 #                                   # SKIP_TESTS=1 skips the test binaries
@@ -11,6 +13,7 @@ cd "$(dirname "$0")/.."
 LAYERS=${LAYERS:-32}
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK"
+export IG_REQUIRE_CUDA=1
 
 if [ -n "${IG_PREBUILT:-}" ]; then
   BIN="$IG_PREBUILT/intruder-gate"
@@ -42,12 +45,15 @@ echo "== device: $device, driver $driver, $(nproc) CPU cores"
 
 echo "== CUDA tests"
 [ -n "${SKIP_TESTS:-}" ] && TESTS=()
+: > "$WORK/tests.log"
 for t in "${TESTS[@]}"; do
   case "$t" in
-    *intruder_gate-*|*/test-lib) "$t" --test-threads=1 backend::cuda ;;
+    *intruder_gate-*|*/test-lib) "$t" --test-threads=1 --nocapture backend::cuda ;;
     *) "$t" --test-threads=1 --nocapture ;;
-  esac
+  esac 2>&1 | tee -a "$WORK/tests.log" # pipefail + errexit: a failing test stops the check
 done
+# The randomized solver's device row, printed by its device test (empty with SKIP_TESTS).
+rsvd_row=$(grep -h '^gpu-check randomized:' "$WORK/tests.log" | sed 's/^gpu-check randomized: //' | tail -1 || true)
 
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2-$1:.2f}')"; }
@@ -75,10 +81,11 @@ gpu_index_l0=$(secs $t0 $t1)
 "$BIN" scan --base "$B" --adapter "$WORK/llama/adapter-layer0" --cache-dir "$WORK/cache-cpu" --backend cpu --format json > "$WORK/l0-cpu.json"
 "$BIN" scan --base "$B" --adapter "$WORK/llama/adapter-layer0" --cache-dir "$WORK/cache-gpu32" --backend cuda --format json > "$WORK/l0-gpu.json"
 
-python3 - "$WORK" "$device" "$driver" "$LAYERS" "$gpu_index" "$gpu_scan" "$cpu_scan" "$cpu_index_l0" "$gpu_index_l0" <<'PY'
+python3 - "$WORK" "$device" "$driver" "$LAYERS" "$gpu_index" "$gpu_scan" "$cpu_scan" "$cpu_index_l0" "$gpu_index_l0" "${rsvd_row:-}" <<'PY'
 import json, sys
 work, device, driver, layers = sys.argv[1:5]
 gpu_index, gpu_scan, cpu_scan, cpu_l0, gpu_l0 = map(float, sys.argv[5:10])
+rsvd_row = sys.argv[10] or "unmeasured (tests skipped)"
 layers = int(layers)
 load = lambda n: json.load(open(f"{work}/{n}"))
 c, g = load("l0-cpu.json"), load("l0-gpu.json")
@@ -96,4 +103,6 @@ print(f"| warm scan, all {len(gs['modules'])} modules: CPU / GPU | {cpu_scan:.1f
 print(f"| verdicts CPU vs GPU (layer 0) | {'identical' if same else 'DIFFERENT'}; intruders {c['total_intruders']} / {g['total_intruders']} |")
 print(f"| max abs diff of max_cos, CPU vs GPU spectra (layer 0) | {dcos:.2e} |")
 print(f"| intruders found (all layers): CPU scan / GPU scan | {cs['total_intruders']} / {gs['total_intruders']} |")
+print(f"| randomized top-k on the device (Philox sketch, DGEMM, QR, syevd; residuals host-checked) | {rsvd_row} |")
+print("| randomized `scan --tuned --backend cuda`, merged / full-FT layer | unmeasured: spectrum::tuned reaches the device solver, the gate does not call spectrum::tuned yet |")
 PY

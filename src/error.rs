@@ -2,6 +2,7 @@
 //! and what the metrics count under `errors_total{kind=…}`.
 
 use std::fmt;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
@@ -59,11 +60,25 @@ impl ErrorKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The underlying error a library `Error` was made from (a cudarc status, …), kept for
+/// `std::error::Error::source`. Shared so that `Error` stays `Clone`.
+pub type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    source: Option<Source>,
 }
+
+/// Two errors are equal when kind and message are; the source is their cause, not their identity.
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.message == other.message
+    }
+}
+
+impl Eq for Error {}
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -72,7 +87,13 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            source: None,
         }
+    }
+    /// The same error, remembering what caused it.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
     }
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -86,7 +107,10 @@ impl Error {
     }
     /// Prefix the message with context (a file, a module) and keep the kind.
     pub fn context(self, what: impl fmt::Display) -> Self {
-        Error::new(self.kind, format!("{what}: {}", self.message))
+        Error {
+            message: format!("{what}: {}", self.message),
+            ..self
+        }
     }
 }
 
@@ -96,7 +120,13 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// `bail!(Kind, "fmt", args…)` returns an `Err(Error)` of that kind.
 #[macro_export]

@@ -1,7 +1,8 @@
 #![cfg(feature = "cuda")]
-//! The CUDA backend against the CPU backend. On a machine without CUDA the comparison prints
-//! `skipped: no CUDA device (reason)` and passes, and the no-GPU path itself is tested: `auto`
-//! falls back to the CPU and says why, `cuda` is a clean error, and nothing panics.
+//! The CUDA backend against the CPU backend, and test bodies shared by both (`per_backend!`). On
+//! a machine without CUDA the CUDA side prints `skipped: no CUDA device (reason)` and passes —
+//! fails instead under `IG_REQUIRE_CUDA=1` — and the no-GPU path itself is tested: `auto` falls
+//! back to the CPU and says why, `cuda` is a clean error, and nothing panics.
 
 mod common;
 
@@ -90,8 +91,7 @@ fn assert_same(label: &str, cpu: &Report, gpu: &Report) {
 
 #[test]
 fn cuda_and_cpu_agree_on_minilm_and_planted_adapters() {
-    if let Err(why) = CudaBackend::probe(0, None) {
-        eprintln!("skipped: no CUDA device ({why})");
+    if !cuda_device_or_skip() {
         return;
     }
     let base = minilm_base();
@@ -128,4 +128,25 @@ fn cuda_and_cpu_agree_on_minilm_and_planted_adapters() {
     let gpu = screen(BackendChoice::Cuda, &p.base, &p.adapter).unwrap();
     assert!(cpu.total_intruders >= 4);
     assert_same("planted", &cpu, &gpu);
+}
+
+per_backend! {
+/// Planted directions are found on every backend in every module (bf16 base, f16 adapter).
+fn planted_intruders_are_found_in_every_module(backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let shapes = [("layers.0.attn.q", 96, 96), ("layers.0.mlp.up", 160, 96)];
+    let p = planted(
+        dir.path(),
+        &PlantedSpec {
+            base_dtype: DType::BF16,
+            adapter_dtype: DType::F16,
+            ..PlantedSpec::new(&shapes, 8, &[2], 5)
+        },
+    );
+    let report = screen(backend, &p.base, &p.adapter).unwrap();
+    assert_eq!(report.modules.len(), 2);
+    for m in &report.modules {
+        assert!(m.intruders.len() >= 2, "{}: {:?}", m.module, m.max_cos);
+    }
+}
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use intruder_gate::backend::BackendChoice;
 use intruder_gate::report::{Method, ModuleReport, Report};
 use intruder_gate::tensor::DType;
 use intruder_gate::{Config, Gate};
@@ -129,10 +130,19 @@ fn f64s(v: &Value) -> Vec<f64> {
 }
 
 fn screen(base: &std::path::Path, adapter: &std::path::Path, method: Method) -> Report {
+    screen_on(BackendChoice::Cpu, base, adapter, method)
+}
+
+fn screen_on(
+    backend: BackendChoice,
+    base: &std::path::Path,
+    adapter: &std::path::Path,
+    method: Method,
+) -> Report {
     let gate = Gate::new(Config {
         method,
         cache_dir: None,
-        backend: intruder_gate::backend::BackendChoice::Cpu,
+        backend,
         ..Config::default()
     })
     .unwrap();
@@ -231,8 +241,8 @@ fn brand_matches_dense_on_planted_intruders_all_shapes_ranks_and_dtypes() {
     }
 }
 
-#[test]
-fn rslora_and_rank_alpha_patterns_give_each_module_its_own_scale() {
+per_backend! {
+fn rslora_and_rank_alpha_patterns_give_each_module_its_own_scale(backend) {
     let shapes: [(&str, usize, usize); 3] = [
         ("model.layers.0.self_attn.q_proj", 96, 96),
         ("model.layers.0.self_attn.v_proj", 96, 96),
@@ -253,8 +263,8 @@ fn rslora_and_rank_alpha_patterns_give_each_module_its_own_scale() {
             seed: 77,
         },
     );
-    let brand = screen(&p.base, &p.adapter, Method::Brand);
-    let dense = screen(&p.base, &p.adapter, Method::Dense);
+    let brand = screen_on(backend, &p.base, &p.adapter, Method::Brand);
+    let dense = screen_on(backend, &p.base, &p.adapter, Method::Dense);
     let scale = |name: &str| {
         brand
             .modules
@@ -269,16 +279,18 @@ fn rslora_and_rank_alpha_patterns_give_each_module_its_own_scale() {
     assert!((scale("up_proj").scale - 64.0 / 8f64.sqrt()).abs() < 1e-12);
     assert_agree("rslora+patterns", &brand.modules, &dense.modules);
 }
+}
 
-#[test]
-fn a_clean_adapter_has_no_intruders() {
+per_backend! {
+fn a_clean_adapter_has_no_intruders(backend) {
     let dir = tempfile::tempdir().unwrap();
     let p = planted(
         dir.path(),
         &PlantedSpec::new(&[("layers.0.attn.q", 128, 128)], 8, &[0], 5),
     );
-    let r = screen(&p.base, &p.adapter, Method::Brand);
+    let r = screen_on(backend, &p.base, &p.adapter, Method::Brand);
     assert_eq!(r.total_intruders, 0);
     assert_eq!(r.verdict, intruder_gate::Verdict::Accept);
     assert!(r.modules[0].max_cos.iter().all(|&c| c > 0.99));
+}
 }

@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::Result;
+use crate::tensor::TensorRef;
 use std::sync::Arc;
 
 /// Thin SVD `W = U Σ Vᵀ` of a rows×cols matrix, ρ = min(rows, cols). Singular vectors are stored as
@@ -37,6 +38,66 @@ pub trait Backend: Send + Sync {
     fn thin_svd(&self, w: &[f32], rows: usize, cols: usize) -> Result<Spectrum>;
     /// `basis · x` for a k×n row-major basis and an n×r row-major x; k×r row-major.
     fn project(&self, basis: &[f32], k: usize, n: usize, x: &[f32], r: usize) -> Result<Vec<f32>>;
+    /// The randomized top-k solve of `op` on this backend's device, when it has one: `None`
+    /// means "run the CPU solver" (the CPU backend, and the CUDA backend for an operator too
+    /// small for the Krylov block, which the CPU solver handles densely).
+    fn randomized_top_k(
+        &self,
+        _op: &DeviceOperator<'_>,
+        _params: &TopKParams,
+    ) -> Result<Option<DeviceTopK>> {
+        Ok(None)
+    }
+}
+
+/// An operator in a form a device can hold: `W' = diag(d) · (Σ cᵢ·Mᵢ + s·B·A)`, so one shape
+/// covers a dense fine-tuned matrix (`W'`), the difference from the base (`W' − W0`, for the
+/// merged-LoRA rank sketch), `W0 + s·B·A`, and DoRA's row-rescaled form (`d` = m / ‖W0 + s·B·A‖
+/// per row). Stored dtypes stay as they are until the upload.
+pub struct DeviceOperator<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    /// Dense rows×cols terms with their coefficients.
+    pub dense: Vec<(f64, TensorRef<'a>)>,
+    pub low_rank: Option<LowRankTerm<'a>>,
+    /// Per-row factor `d` (length rows), applied to every term.
+    pub row_scale: Option<&'a [f64]>,
+}
+
+/// `scale · B · A` with B rows×r and A r×cols, row-major f64.
+pub struct LowRankTerm<'a> {
+    pub b: &'a [f64],
+    pub a: &'a [f64],
+    pub rank: usize,
+    pub scale: f64,
+}
+
+/// Settings of the device solve (the CPU solver's `RandomizedParams`, plus k).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TopKParams {
+    pub k: usize,
+    pub oversampling: usize,
+    /// Both residuals of every returned triplet ≤ tol·σ₁.
+    pub tol: f64,
+    pub max_basis: usize,
+    pub seed: u64,
+}
+
+/// The top k triplets from a device solve, descending: `x` holds k vectors of length rows
+/// (contiguous, i.e. a column-major rows×k matrix), `y` k vectors of length cols, with both
+/// residuals of each as checked by explicit products (`‖W'y − σx‖`, `‖W'ᵀx − σy‖`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceTopK {
+    pub sigma: Vec<f64>,
+    pub x: Vec<f64>,
+    pub y: Vec<f64>,
+    pub left_residuals: Vec<f64>,
+    pub right_residuals: Vec<f64>,
+    /// Krylov basis columns when it stopped.
+    pub basis: usize,
+    /// False when the basis reached its cap (or the explicit check failed) first: the caller
+    /// runs the dense fallback and names it in the report.
+    pub converged: bool,
 }
 
 /// Which backend to use; `Auto` picks CUDA when a device can be opened, else the CPU.

@@ -293,7 +293,7 @@ fn split(
     Ok((m, p, rr))
 }
 
-/// Frobenius norm by columns with `krylov::norm` (faer's overflow-safe norm was slow here).
+/// Frobenius norm by columns with `kernels::norm` (faer's overflow-safe norm was slow here).
 fn frobenius(a: &Mat<f64>) -> f64 {
     a.col_iter().map(|c| norm(c).powi(2)).sum::<f64>().sqrt()
 }

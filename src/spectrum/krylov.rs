@@ -266,14 +266,15 @@ struct Corrections {
 }
 
 /// Ritz triplets and, per triplet, the residual `G x − σ² x` and `‖K y − σ x‖`.
-struct RitzPairs {
-    triplets: Triplets,
-    residuals: Mat<f64>,
-    residual_norms: Vec<f64>,
+pub(crate) struct RitzPairs {
+    pub(crate) triplets: Triplets,
+    pub(crate) residuals: Mat<f64>,
+    pub(crate) residual_norms: Vec<f64>,
 }
 
-/// Ritz triplets of the top `want` from the basis, with their residuals.
-fn rayleigh_ritz(
+/// Ritz triplets of the top `want` from the basis (`q` orthonormal, `z = Kᵀq`, `w = K z`,
+/// `t = zᵀz`, first `m` columns), with their residuals.
+pub(crate) fn rayleigh_ritz(
     q: &Mat<f64>,
     z: &Mat<f64>,
     w: &Mat<f64>,

@@ -28,3 +28,18 @@ pub(crate) fn seeded_block(n: usize, b: usize, seed: u64) -> Mat<f64> {
         (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 - 0.5
     })
 }
+
+/// A rows × cols block of independent standard normal samples (Box–Muller on SplitMix64), filled
+/// column by column: the same seed gives the same block on every platform and thread count.
+pub fn gaussian_block(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
+    let mut rng = SplitMix64::new(seed ^ 0x5DEE_CE66_D1CE_4E5B);
+    let mut uniform = move || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let mut out = Mat::zeros(rows, cols);
+    for j in 0..cols {
+        for i in 0..rows {
+            let (u1, u2) = (uniform(), uniform());
+            out[(i, j)] = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        }
+    }
+    out
+}
