@@ -45,6 +45,7 @@ pub mod device;
 pub(crate) mod kernels;
 pub mod krylov;
 mod lu;
+mod operators;
 mod orthonormalize;
 pub mod params;
 pub mod randomized;
