@@ -172,6 +172,7 @@ impl Policy {
                 ErrorKind::InvalidArgument,
                 format!("policy is not valid JSON of the expected form: {e}"),
             )
+            .with_source(e)
         })?;
         p.validate()?;
         Ok(p)

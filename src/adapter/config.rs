@@ -71,6 +71,7 @@ impl AdapterConfig {
                 ErrorKind::Format,
                 format!("adapter config is not valid JSON of the expected form: {e}"),
             )
+            .with_source(e)
         })?;
         if let Some(t) = raw.peft_type.as_deref().filter(|&t| t != "LORA") {
             bail!(

@@ -111,6 +111,7 @@ impl BaseModel {
                 ErrorKind::Format,
                 format!("{ip}: not a safetensors index (JSON with a \"weight_map\" object): {e}"),
             )
+            .with_source(e)
         })?;
         let mut shard_names: Vec<&str> = index.weight_map.values().map(String::as_str).collect();
         shard_names.sort_unstable();
