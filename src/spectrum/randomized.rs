@@ -123,7 +123,7 @@ pub fn top_k(op: &dyn Operator, k: usize, p: &RandomizedParams) -> Result<Random
     let b = (k + p.oversampling).min(n);
     let cap = p.max_basis.min(n / 2);
     if k == 0 || b > cap {
-        return dense(op, k, p.tol, Solver::DenseSmall);
+        return dense(op, k, Solver::DenseSmall);
     }
     // 1. Sketch.
     let omega = gaussian_block(cols, b, p.seed);
@@ -135,6 +135,11 @@ pub fn top_k(op: &dyn Operator, k: usize, p: &RandomizedParams) -> Result<Random
     loop {
         let m = basis.m;
         let exhausted = newest == 0 || m == n;
+        if exhausted && m < k {
+            // The operator's rank is below k: its remaining singular values are zero, with
+            // vectors the Krylov space cannot supply.
+            return dense(op, k, Solver::DenseFallback);
+        }
         if m >= k && (m >= next_check || m >= cap || exhausted) {
             // 3. Rayleigh–Ritz, then 4. the explicit residual test.
             let rr = basis.ritz(k);
@@ -146,14 +151,14 @@ pub fn top_k(op: &dyn Operator, k: usize, p: &RandomizedParams) -> Result<Random
                 }
                 // The Ritz estimate passed but the explicit products did not (rounding in a
                 // huge basis): the dense path is the honest answer.
-                return dense(op, k, p.tol, Solver::DenseFallback);
+                return dense(op, k, Solver::DenseFallback);
             }
             // Rayleigh–Ritz costs O(m³); checking after every block would dominate a long
             // solve, checking rarely would overshoot a short one.
             next_check = m + b.max(m / 4);
         }
         if m >= cap {
-            return dense(op, k, p.tol, Solver::DenseFallback);
+            return dense(op, k, Solver::DenseFallback);
         }
         // 2. Block Krylov: W'W'ᵀ times the newest block, which `w` already holds.
         let from = m - newest;
@@ -267,7 +272,7 @@ fn checked(op: &dyn Operator, t: Triplets, basis: usize, solver: Solver) -> Rand
 
 /// The dense path: the operator materialised (applied to the identity, in column blocks) and its
 /// thin SVD in f64.
-fn dense(op: &dyn Operator, k: usize, _tol: f64, solver: Solver) -> Result<RandomizedSvd> {
+fn dense(op: &dyn Operator, k: usize, solver: Solver) -> Result<RandomizedSvd> {
     let m = materialise(op);
     let t = dense_top(&m, k)?;
     Ok(checked(op, t, 0, solver))
@@ -505,7 +510,7 @@ mod tests {
     }
 
     #[test]
-    fn exact_low_rank_stops_when_the_span_is_exhausted() {
+    fn operators_of_rank_below_k_are_solved_exactly() {
         let sigma: Vec<f64> = (0..120)
             .map(|i| if i < 4 { 4.0 - i as f64 } else { 0.0 })
             .collect();
