@@ -135,31 +135,3 @@ macro_rules! bail {
         return Err($crate::error::Error::new($crate::error::ErrorKind::$kind, format!($($arg)*)))
     };
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::error::Error as _;
-
-    #[test]
-    fn io_and_json_errors_keep_their_cause() {
-        let io = Error::io(
-            std::path::Path::new("/x"),
-            std::io::Error::from(std::io::ErrorKind::NotFound),
-        );
-        assert_eq!(io.kind(), ErrorKind::Io);
-        let cause = io.source().expect("io source");
-        assert!(
-            cause.downcast_ref::<std::io::Error>().is_some(),
-            "{cause:?}"
-        );
-        let json = crate::policy::Policy::parse("{").unwrap_err();
-        let cause = json.source().expect("serde source");
-        assert!(
-            cause.downcast_ref::<serde_json::Error>().is_some(),
-            "{cause:?}"
-        );
-        // The message is unchanged: the cause is carried, not appended twice.
-        assert!(json.message().starts_with("policy is not valid JSON"));
-    }
-}

@@ -203,8 +203,7 @@ fn parse_header(header: &[u8], data_len: usize, limits: &Limits) -> Result<Heade
     // In file order with repeats kept: a map would silently keep the last of two entries
     // with one name (as the reference parser does), and a reader could be shown either.
     let mut de = serde_json::Deserializer::from_str(text);
-    let raw: Vec<(String, serde_json::Value)> =
-        crate::adapter::config::ordered(&mut de).map_err(not_object)?;
+    let raw: Vec<(String, serde_json::Value)> = ordered(&mut de).map_err(not_object)?;
     de.end().map_err(not_object)?;
     let mut seen = HashSet::new();
     if let Some((name, _)) = raw.iter().find(|(n, _)| !seen.insert(n.as_str())) {
@@ -493,6 +492,39 @@ pub fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+/// A JSON object (or null) as key/value pairs in file order, repeated keys kept, which
+/// serde_json's default map would sort and merge.
+pub(crate) fn ordered<'de, D, T>(d: D) -> std::result::Result<Vec<(String, T)>, D::Error>
+where
+    D: serde::de::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    struct Pairs<T>(std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Pairs<T> {
+        type Value = Vec<(String, T)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object or null")
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_none<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_map<M: serde::de::MapAccess<'de>>(
+            self,
+            mut m: M,
+        ) -> std::result::Result<Self::Value, M::Error> {
+            let mut out = Vec::new();
+            while let Some(pair) = m.next_entry()? {
+                out.push(pair);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Pairs(std::marker::PhantomData))
 }
 
 #[cfg(test)]

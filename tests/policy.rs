@@ -143,3 +143,26 @@ fn cli_scan_with_a_policy_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"));
 }
+
+#[test]
+fn io_and_json_errors_keep_their_cause() {
+    use std::error::Error as _;
+    let io = intruder_gate::Error::io(
+        std::path::Path::new("/x"),
+        std::io::Error::from(std::io::ErrorKind::NotFound),
+    );
+    assert_eq!(io.kind(), intruder_gate::ErrorKind::Io);
+    let cause = io.source().expect("io source");
+    assert!(
+        cause.downcast_ref::<std::io::Error>().is_some(),
+        "{cause:?}"
+    );
+    let json = intruder_gate::Policy::parse("{").unwrap_err();
+    let cause = json.source().expect("serde source");
+    assert!(
+        cause.downcast_ref::<serde_json::Error>().is_some(),
+        "{cause:?}"
+    );
+    // The message is unchanged: the cause is carried, not appended twice.
+    assert!(json.message().starts_with("policy is not valid JSON"));
+}

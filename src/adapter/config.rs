@@ -2,11 +2,9 @@
 
 use crate::bail;
 use crate::error::{Error, ErrorKind, Result};
+use crate::safetensors_file::ordered;
 use regex::{RegexSet, RegexSetBuilder};
-use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
-use std::fmt;
-use std::marker::PhantomData;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
@@ -189,39 +187,6 @@ fn first_match<T: Copy>(set: &RegexSet, patterns: &[(String, T)], module: &str) 
         .filter_map(|p| set.matches(&module[p..]).into_iter().next())
         .min()?;
     Some(patterns[i].1)
-}
-
-/// A JSON object (or null) as key/value pairs in file order, repeated keys kept, which
-/// serde_json's default map would sort and merge.
-pub(crate) fn ordered<'de, D, T>(d: D) -> std::result::Result<Vec<(String, T)>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    struct Pairs<T>(PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> Visitor<'de> for Pairs<T> {
-        type Value = Vec<(String, T)>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("an object or null")
-        }
-        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
-            Ok(Vec::new())
-        }
-        fn visit_none<E>(self) -> std::result::Result<Self::Value, E> {
-            Ok(Vec::new())
-        }
-        fn visit_map<M: MapAccess<'de>>(
-            self,
-            mut m: M,
-        ) -> std::result::Result<Self::Value, M::Error> {
-            let mut out = Vec::new();
-            while let Some(pair) = m.next_entry()? {
-                out.push(pair);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_any(Pairs(PhantomData))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! buffer, and only then calls the library: the one `unsafe` block per call relies on that check.
 
 use super::device::Device;
+use super::error::fits;
 use super::error::{blas, CudaError};
 use super::plan::{int, GemmShape, SyrkShape};
 use cudarc::cublas::sys as blas_sys;
@@ -14,25 +15,6 @@ fn op(trans: bool) -> blas_sys::cublasOperation_t {
         blas_sys::cublasOperation_t::CUBLAS_OP_T
     } else {
         blas_sys::cublasOperation_t::CUBLAS_OP_N
-    }
-}
-
-/// Err(Operand) unless `need` elements fit in a buffer of `len`.
-pub fn fits(
-    call: &'static str,
-    operand: &'static str,
-    need: usize,
-    len: usize,
-) -> Result<(), CudaError> {
-    if need <= len {
-        Ok(())
-    } else {
-        Err(CudaError::Operand {
-            call,
-            operand,
-            need,
-            len,
-        })
     }
 }
 

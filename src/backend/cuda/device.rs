@@ -1,8 +1,8 @@
 //! One opened CUDA device: its context, one stream, and the cuBLAS and cuSOLVER handles bound
 //! to it; and the [`Engine`] operations the algorithms use, composed from the wrappers.
 
-use super::blas::fits;
 use super::engine::{Engine, R};
+use super::error::fits;
 use super::error::{driver, CudaError};
 use super::plan::{check_device_memory, GemmShape, SyrkShape};
 use super::rand::Philox;

@@ -137,6 +137,25 @@ pub fn mib(bytes: usize) -> String {
     format!("{:.1}", bytes as f64 / (1u64 << 20) as f64)
 }
 
+/// Err(Operand) unless `need` elements fit in a buffer of `len`.
+pub fn fits(
+    call: &'static str,
+    operand: &'static str,
+    need: usize,
+    len: usize,
+) -> Result<(), CudaError> {
+    if need <= len {
+        Ok(())
+    } else {
+        Err(CudaError::Operand {
+            call,
+            operand,
+            need,
+            len,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

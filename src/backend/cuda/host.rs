@@ -3,8 +3,8 @@
 //! model also enforces the wrappers' operand checks, counts live and peak "device" bytes
 //! (workspaces included), records the budget reservations and logs the call sequence.
 
-use super::blas::fits;
 use super::engine::{Engine, R};
+use super::error::fits;
 use super::plan::{
     check_device_memory, extent, qr_workspace_guess, syevd_workspace_guess, GemmShape, SyrkShape,
 };

@@ -4,8 +4,8 @@
 //! code. (They differ from the CPU solver's splitmix sketch; results agree to the residual
 //! tolerance, not bit for bit.)
 
-use super::blas::fits;
 use super::device::Device;
+use super::error::fits;
 use super::error::{rand, CudaError};
 use cudarc::curand::result as rand_result;
 use cudarc::curand::sys as rand_sys;

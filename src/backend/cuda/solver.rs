@@ -2,8 +2,8 @@
 //! call). Every wrapper checks its operands against their buffers before the one `unsafe` block;
 //! a call's `info` lands in a device int that [`Device::check_info`] reads back.
 
-use super::blas::fits;
 use super::device::Device;
+use super::error::fits;
 use super::error::{solver, CudaError};
 use super::plan::{extent, int};
 use cudarc::cusolver::sys as solver_sys;
