@@ -79,11 +79,12 @@ def test_corrupt_base_is_a_format_error(tmp_path):
         ig.Gate(bad, cache_dir=None)
 
 
-def test_no_base_is_a_base_mismatch():
+def test_screening_without_a_base_is_an_invalid_argument():
     gate = ig.Gate(cache_dir=None)
-    report = gate.screen_adapter(FIXTURES / "lora_r2")
-    # The default policy turns this validation error into a reject report.
-    assert report.verdict == "reject" and report.error["kind"] == "base_mismatch"
+    # A host that forgot attach_base made a programming error: it is raised, not turned into a
+    # reject report that would blame the adapter.
+    with pytest.raises(ig.InvalidArgumentError, match="no base attached"):
+        gate.screen_adapter(FIXTURES / "lora_r2")
 
 
 def test_cuda_backend_without_device_is_a_cuda_error():
