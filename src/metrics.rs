@@ -178,94 +178,69 @@ impl Metrics {
     }
 
     fn write_text(&self, out: &mut String) -> fmt::Result {
-        header(
+        let screenings = ScreenOutcome::ALL.map(|o| {
+            let n = self.screenings[o.index()].load(Ordering::Relaxed);
+            (o.label(), n)
+        });
+        family(
             out,
-            "intruder_gate_screenings_total",
-            "counter",
+            ("intruder_gate_screenings_total", "counter"),
             "Adapter screenings by verdict.",
+            "verdict",
+            screenings,
         )?;
-        for outcome in ScreenOutcome::ALL {
-            let n = self.screenings[outcome.index()].load(Ordering::Relaxed);
-            writeln!(
-                out,
-                "intruder_gate_screenings_total{{verdict=\"{}\"}} {n}",
-                outcome.label()
-            )?;
-        }
-
-        header(
+        single(
             out,
             "intruder_gate_intruder_dimensions_total",
-            "counter",
             "Intruder dimensions found across all screenings.",
+            self.intruder_dimensions.load(Ordering::Relaxed),
         )?;
-        let n = self.intruder_dimensions.load(Ordering::Relaxed);
-        writeln!(out, "intruder_gate_intruder_dimensions_total {n}")?;
-
-        header(
+        single(
             out,
             "intruder_gate_modules_screened_total",
-            "counter",
             "LoRA modules screened across all screenings.",
+            self.modules_screened.load(Ordering::Relaxed),
         )?;
-        let n = self.modules_screened.load(Ordering::Relaxed);
-        writeln!(out, "intruder_gate_modules_screened_total {n}")?;
-
         self.screen_duration.write(
             out,
             "intruder_gate_screen_duration_seconds",
             "Wall time of one adapter screening.",
         )?;
-
-        header(
+        let lookups = Source::ALL.map(|s| {
+            (
+                s.label(),
+                self.cache_requests[s as usize].load(Ordering::Relaxed),
+            )
+        });
+        family(
             out,
-            "intruder_gate_base_spectrum_cache_requests_total",
-            "counter",
+            (
+                "intruder_gate_base_spectrum_cache_requests_total",
+                "counter",
+            ),
             "Base-model spectrum cache lookups by how they were served.",
+            "result",
+            lookups,
         )?;
-        for result in Source::ALL {
-            let n = self.cache_requests[result as usize].load(Ordering::Relaxed);
-            writeln!(
-                out,
-                "intruder_gate_base_spectrum_cache_requests_total{{result=\"{}\"}} {n}",
-                result.label()
-            )?;
-        }
-
         self.spectrum_compute.write(
             out,
             "intruder_gate_base_spectrum_compute_seconds",
             "Wall time of computing one base-model spectrum.",
         )?;
-
-        header(
+        family(
             out,
-            "intruder_gate_errors_total",
-            "counter",
+            ("intruder_gate_errors_total", "counter"),
             "Errors by kind.",
+            "kind",
+            self.errors.lock().iter().map(|(k, n)| (k.as_str(), *n)),
         )?;
-        for (kind, n) in self.errors.lock().iter() {
-            writeln!(
-                out,
-                "intruder_gate_errors_total{{kind=\"{}\"}} {n}",
-                Escaped(kind)
-            )?;
-        }
-
-        header(
+        family(
             out,
-            "intruder_gate_adapter_intruders",
-            "gauge",
+            ("intruder_gate_adapter_intruders", "gauge"),
             "Intruder dimensions of the most recently screened adapters.",
+            "adapter",
+            self.adapters.lock().iter(),
         )?;
-        for (adapter, n) in self.adapters.lock().iter() {
-            writeln!(
-                out,
-                "intruder_gate_adapter_intruders{{adapter=\"{}\"}} {n}",
-                Escaped(adapter)
-            )?;
-        }
-
         header(
             out,
             "intruder_gate_info",
@@ -281,6 +256,27 @@ impl Metrics {
             Escaped(&info.device)
         )
     }
+}
+
+/// A metric without labels: its header and its one sample.
+fn single(out: &mut String, name: &str, help: &str, n: u64) -> fmt::Result {
+    header(out, name, "counter", help)?;
+    writeln!(out, "{name} {n}")
+}
+
+/// A metric with one label: its header and one sample per (label value, count).
+fn family<'a>(
+    out: &mut String,
+    (name, kind): (&str, &str),
+    help: &str,
+    label: &str,
+    rows: impl IntoIterator<Item = (&'a str, u64)>,
+) -> fmt::Result {
+    header(out, name, kind, help)?;
+    for (value, n) in rows {
+        writeln!(out, "{name}{{{label}=\"{}\"}} {n}", Escaped(value))?;
+    }
+    Ok(())
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) -> fmt::Result {

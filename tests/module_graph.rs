@@ -174,19 +174,9 @@ fn no_cycle_between_top_level_modules() {
     }
 }
 
-/// The one known file-level cycle, inside the CUDA backend (its device, engine, plan and rand
-/// files reach each other); it is to be untangled, and any other cycle fails.
-const KNOWN_CYCLE_INSIDE: &str = "backend::cuda";
-
 #[test]
 fn no_cycle_between_files() {
-    let edges: BTreeMap<_, _> = graph(|m| m)
-        .into_iter()
-        .filter(|(from, _)| {
-            from.join("::") != KNOWN_CYCLE_INSIDE && !from.join("::").starts_with("backend::cuda::")
-        })
-        .collect();
-    if let Some(c) = find_cycle(&edges) {
+    if let Some(c) = find_cycle(&graph(|m| m)) {
         panic!("module cycle: {}", show(&c));
     }
 }

@@ -146,13 +146,6 @@ proptest! {
         let mut modules = modules;
         modules.sort_by(|x, y| x.name.cmp(&y.name));
         modules.dedup_by(|x, y| x.name == y.name);
-        // Open finding of this test: when one module's name is a dotted suffix of another's
-        // ("layers.1.q_proj" and "model.layers.1.q_proj"), the exact-name pattern written for
-        // the shorter one also matches the longer one under PEFT's `(.*\.)?KEY` rule, so the
-        // longer module loads with the wrong rank/alpha. Until write_peft_dir handles it, such
-        // pairs are left out here (see the fuzz helper's report).
-        let names: Vec<String> = modules.iter().map(|m| m.name.clone()).collect();
-        modules.retain(|m| !names.iter().any(|n| n != &m.name && m.name.ends_with(&format!(".{n}"))));
         let limits = Limits::default();
         let adapter = Adapter::from_modules("prop", modules.clone(), &limits).unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -23,7 +23,8 @@ const WEIGHTS: &str = "adapter_model.safetensors";
 ///
 /// Every module's scale must be `alpha / rank` (no rsLoRA). The top-level `r` / `lora_alpha` are
 /// those of the highest-rank module, so a server's `max_lora_rank` check sees the true maximum;
-/// modules that differ get exact-name `rank_pattern` / `alpha_pattern` entries. The other fields
+/// modules that differ get exact-name `rank_pattern` / `alpha_pattern` entries (see
+/// [`pattern_modules`]). The other fields
 /// of `source`'s config (task type, target modules, base model, …) are kept. `provenance` goes
 /// into the safetensors metadata, where no loader trips over it.
 pub fn write_peft_dir(
@@ -71,12 +72,10 @@ pub fn write_peft_dir(
             "the source adapter has modules_to_save; their tensors would be lost"
         );
     }
-    let differs = |m: &&LoraModule| m.rank != top.rank || m.alpha != top.alpha;
+    let keyed = pattern_modules(&adapter.modules, top);
     let pattern = |f: fn(&LoraModule) -> serde_json::Value| -> serde_json::Value {
-        adapter
-            .modules
+        keyed
             .iter()
-            .filter(differs)
             .map(|m| (regex::escape(&m.name), f(m)))
             .collect::<serde_json::Map<_, _>>()
             .into()
@@ -147,6 +146,28 @@ pub fn write_peft_dir(
     let _ = std::fs::remove_dir_all(&stage);
     safetensors_file::sync_dir(parent);
     written
+}
+
+/// The modules that get `rank_pattern` / `alpha_pattern` keys, in the order they are written.
+///
+/// Those whose rank or alpha differ from the top level's; and, because PEFT's rule
+/// `(.*\.)?(KEY)$` lets a key match every name that extends it after a dot and the first
+/// matching key wins, every module whose name extends a key ("model.layers.0.q" for
+/// "layers.0.q") gets its own key, written before the shorter one.
+fn pattern_modules<'a>(modules: &'a [LoraModule], top: &LoraModule) -> Vec<&'a LoraModule> {
+    let differs = |m: &LoraModule| m.rank != top.rank || m.alpha != top.alpha;
+    let extends = |m: &LoraModule, k: &LoraModule| {
+        m.name.len() > k.name.len()
+            && m.name.ends_with(k.name.as_str())
+            && m.name.as_bytes()[m.name.len() - k.name.len() - 1] == b'.'
+    };
+    let mut keyed: Vec<&LoraModule> = modules
+        .iter()
+        .filter(|m| differs(m) || modules.iter().any(|k| differs(k) && extends(m, k)))
+        .collect();
+    // A name is longer than every key it extends.
+    keyed.sort_by_key(|m| std::cmp::Reverse(m.name.len()));
+    keyed
 }
 
 /// Moves the staged files into `dir`: the whole directory when `dir` does not exist (or is

@@ -3,7 +3,8 @@
 //!
 //! * `plan` — shapes, operand extents and device-memory sizes, decided without a device;
 //! * `blas`, `solver`, `rand` — one typed safe wrapper per library call;
-//! * `device` — the opened device and the [`engine::Engine`] operations built from the wrappers;
+//! * `device` — the opened device (context, stream, handles);
+//! * `budgeted` — the [`engine::Engine`] operations built from the wrappers, under a gate's budget;
 //! * `svd`, `randomized` — the algorithms, written against `Engine`, so the tests run the same
 //!   code on host models of every call (`host`);
 //! * `error` — [`CudaError`], with the cudarc status as its source.
@@ -14,6 +15,7 @@
 //! context, stream and set of handles per device.
 
 mod blas;
+mod budgeted;
 mod device;
 mod engine;
 pub mod error;
@@ -29,7 +31,8 @@ pub use error::CudaError;
 
 use super::{Backend, BackendKind, DeviceOperator, DeviceTopK, Spectrum, TopKParams};
 use crate::error::{Error, ErrorKind, Result};
-use device::{Budgeted, Device};
+use budgeted::Budgeted;
+use device::Device;
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 use plan::{check_device_memory, project_device_bytes, project_gemm, SvdPlan};
