@@ -478,8 +478,9 @@ fn clamp(a: ClampArgs) -> Result<ExitCode, Error> {
     intruder_gate::clamp::check_pad_rank(a.pad_rank_to, &gate.config().limits)?;
     gate.attach_base(&a.common.base)?;
     let adapter = gate.load_checked(&a.adapter)?;
-    let report = gate.screen(&adapter)?;
-    let clamped = intruder_gate::clamp::clamp(&gate, &adapter, &report, &opts)?;
+    // One solve per module: the clamp assembles its factors from the screening's solutions.
+    let (report, solutions) = gate.screen_with_solutions(&adapter)?;
+    let clamped = intruder_gate::clamp::clamp_solved(&adapter, &report, &solutions, &opts)?;
     clamped.write_peft(&a.out, dtype, a.pad_rank_to)?;
     for m in clamped.modules.iter().filter(|m| !m.clamped.is_empty()) {
         let dirs: Vec<String> = m

@@ -12,7 +12,7 @@
 
 use crate::adapter::{self, Adapter, LoraModule};
 use crate::error::{Error, ErrorKind, Result};
-use crate::gate::{Gate, Solved};
+use crate::gate::{Gate, ModuleSolution, Solutions};
 
 mod verify;
 use crate::report::Report;
@@ -277,7 +277,9 @@ fn round_to(v: &[f32], dtype: DType) -> Vec<f32> {
 
 /// Clamps the intruders `report` found in `adapter` (the report of screening this adapter on
 /// this gate). Every module is returned, unclamped ones with their factors unchanged (scale
-/// folded into B). The Brand solution is recomputed per module; base spectra are cached.
+/// folded into B). For a caller that holds only the report: the Brand solution is recomputed per
+/// module (base spectra from the gate's cache). One that screens in order to clamp calls
+/// [`Gate::screen_with_solutions`] and [`clamp_solved`] instead, and solves each module once.
 pub fn clamp(
     gate: &Gate,
     adapter: &Adapter,
@@ -287,10 +289,82 @@ pub fn clamp(
     opts.validate()?;
     let targets = targets(adapter, report, opts.target)?;
     let k = gate.config().top_k;
-    let solved = gate.solve_modules(adapter, &|_: &str| k + 1)?;
-    let modules = solved
+    let solutions = gate
+        .solve_modules(adapter, &|_: &str| k + 1)?
         .iter()
-        .map(|s| clamp_module(module(adapter, s.module())?, s, &targets[s.module()], opts))
+        .map(|s| {
+            let lora = module(adapter, s.module())?;
+            Ok((s.module().to_string(), s.keep(lora, &targets[s.module()])))
+        })
+        .collect::<Result<Solutions>>()?;
+    assemble(adapter, &solutions, &targets, opts)
+}
+
+/// [`clamp`] from the Brand solutions kept by the screening that made `report`
+/// ([`Gate::screen_with_solutions`]): no base spectrum is fetched and nothing is solved again,
+/// and the result is the same. The solutions must be that screening's: each module's solved
+/// spectrum must equal the report's, its intruders must have been lifted, and its factors must be
+/// `adapter`'s (checked by fingerprint), else `InvalidArgument`. A dense-method screening keeps
+/// no solutions; clamp its report with [`clamp`].
+pub fn clamp_solved(
+    adapter: &Adapter,
+    report: &Report,
+    solutions: &Solutions,
+    opts: &ClampOptions,
+) -> Result<ClampedAdapter> {
+    opts.validate()?;
+    let targets = targets(adapter, report, opts.target)?;
+    let mismatch = |why: String| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "the solutions are not those of this screening of adapter {}: {why}",
+                adapter.name
+            ),
+        )
+    };
+    if solutions.len() != report.modules.len() {
+        return Err(mismatch(format!(
+            "{} modules solved, {} screened (a dense-method screening keeps none: use clamp)",
+            solutions.len(),
+            report.modules.len()
+        )));
+    }
+    for m in &report.modules {
+        let s = solutions
+            .get(&m.module)
+            .ok_or_else(|| mismatch(format!("no solution for module {}", m.module)))?;
+        let n = m.singular_values.len();
+        let same = s.base_tensor() == m.base_tensor
+            && s.sigma().get(..n) == Some(&m.singular_values[..])
+            && s.max_cos().get(..m.max_cos.len()) == Some(&m.max_cos[..])
+            && m.intruders.iter().all(|j| s.lifted().any(|l| l == *j));
+        if !same {
+            return Err(mismatch(format!(
+                "module {} was solved differently",
+                m.module
+            )));
+        }
+        if !s.solves(module(adapter, &m.module)?) {
+            return Err(mismatch(format!(
+                "module {} has other factors than the ones solved",
+                m.module
+            )));
+        }
+    }
+    assemble(adapter, solutions, &targets, opts)
+}
+
+/// The clamped adapter from one solution per module (in module-name order).
+fn assemble(
+    adapter: &Adapter,
+    solutions: &Solutions,
+    targets: &BTreeMap<String, Vec<usize>>,
+    opts: &ClampOptions,
+) -> Result<ClampedAdapter> {
+    let modules = solutions
+        .iter()
+        .map(|(name, s)| clamp_module(module(adapter, name)?, s, &targets[name], opts))
         .collect::<Result<Vec<_>>>()?;
     Ok(ClampedAdapter {
         name: adapter.name.clone(),
@@ -356,12 +430,12 @@ fn targets(
 
 fn clamp_module(
     lora: &LoraModule,
-    s: &Solved,
+    s: &ModuleSolution,
     dirs: &[usize],
     opts: &ClampOptions,
 ) -> Result<ClampedModule> {
     let (out, inn, r) = (lora.out_features, lora.in_features, lora.rank);
-    let sigma = &s.sigma();
+    let sigma = s.sigma();
     if let Some(&j) = dirs.iter().find(|&&j| j >= sigma.len()) {
         crate::bail!(
             InvalidArgument,
@@ -388,7 +462,15 @@ fn clamp_module(
         }
     });
     for (c, &j) in dirs.iter().enumerate() {
-        let (u, v) = s.singular_vectors(j);
+        let (u, v) = s.singular_vectors(j).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "module {}: direction {j} is not among the solution's lifted ones",
+                    lora.name
+                ),
+            )
+        })?;
         let w = (opts.lambda - 1.0) * sigma[j];
         for (i, x) in u.iter().enumerate() {
             l[(i, r + c)] = w * x;

@@ -16,6 +16,7 @@ mod screen;
 mod tuned;
 
 pub(crate) use module::Solved;
+pub use module::{ModuleSolution, Solutions};
 pub use progress::{IndexProgress, IndexSummary};
 
 use crate::backend::{self, Backend, BackendKind};

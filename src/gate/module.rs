@@ -4,7 +4,7 @@
 use super::base_set::BaseSet;
 use super::plan::Job;
 use super::{ms, Gate};
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, LoraModule};
 use crate::backend::Spectrum;
 use crate::error::Result;
 use crate::report::{classify, Method, ModuleReport};
@@ -17,6 +17,72 @@ use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
+use xxhash_rust::xxh3::Xxh3;
+
+/// What a clamp needs of one module's Brand solution, kept from its screening: the solved
+/// spectrum of `W'` and the singular vectors of the report's intruders, lifted while the base
+/// spectrum was at hand. Small (`intruders × (out + in)` values), so a caller may hold it as long
+/// as the report without pinning any base spectrum.
+#[derive(Debug, Clone)]
+pub struct ModuleSolution {
+    base_tensor: String,
+    sigma: Vec<f64>,
+    max_cos: Vec<f64>,
+    /// `(j, u'_j, v'_j)` for each lifted direction, ascending in j.
+    vectors: Vec<(usize, Vec<f64>, Vec<f64>)>,
+    /// [`factor_fingerprint`] of the module screened.
+    factors: u64,
+}
+
+impl ModuleSolution {
+    pub fn base_tensor(&self) -> &str {
+        &self.base_tensor
+    }
+
+    /// The solved singular values of `W'`, descending (top k + 1).
+    pub fn sigma(&self) -> &[f64] {
+        &self.sigma
+    }
+
+    pub fn max_cos(&self) -> &[f64] {
+        &self.max_cos
+    }
+
+    /// `u'_j` and `v'_j` in `W0`'s `[out, in]` orientation, when direction `j` was lifted.
+    pub fn singular_vectors(&self, j: usize) -> Option<(&[f64], &[f64])> {
+        self.vectors
+            .iter()
+            .find(|v| v.0 == j)
+            .map(|(_, u, v)| (u.as_slice(), v.as_slice()))
+    }
+
+    /// The directions whose vectors were lifted.
+    pub fn lifted(&self) -> impl Iterator<Item = usize> + '_ {
+        self.vectors.iter().map(|v| v.0)
+    }
+
+    /// Whether `lora` is the module that was solved (same shape, scale and factor bits).
+    pub fn solves(&self, lora: &LoraModule) -> bool {
+        self.factors == factor_fingerprint(lora)
+    }
+}
+
+/// The Brand solutions of one screening, module name → solution (see
+/// [`Gate::screen_with_solutions`]). Empty when the screening used the dense method.
+pub type Solutions = BTreeMap<String, ModuleSolution>;
+
+/// xxh3 of a module's shape, scale and factor bits: ties a kept solution to the factors it solved,
+/// at the cost of reading them once.
+fn factor_fingerprint(lora: &LoraModule) -> u64 {
+    let mut h = Xxh3::new();
+    for n in [lora.rank, lora.out_features, lora.in_features] {
+        h.update(&(n as u64).to_le_bytes());
+    }
+    h.update(&lora.scale.to_bits().to_le_bytes());
+    h.update(bytemuck::cast_slice(&lora.a));
+    h.update(bytemuck::cast_slice(&lora.b));
+    h.digest()
+}
 
 /// One module's Brand solution, with the base spectrum in `W0`'s `[out, in]` orientation (what
 /// [`BrandSolution::singular_vectors`] lifts into).
@@ -32,10 +98,6 @@ pub(crate) struct Solved {
 impl Solved {
     pub(crate) fn module(&self) -> &str {
         &self.module
-    }
-
-    pub(crate) fn base_tensor(&self) -> &str {
-        &self.base_tensor
     }
 
     /// The solved singular values of `W'`, descending.
@@ -56,14 +118,46 @@ impl Solved {
     pub(crate) fn base_rayleigh(&self, j: usize) -> f64 {
         self.sol.base_rayleigh(&self.base, j)
     }
+
+    /// What a clamp of `lora` (the module solved) along `dirs` needs, without the base spectrum.
+    /// Directions past the solved ones are left out (the clamp names them as missing).
+    pub(crate) fn keep(&self, lora: &LoraModule, dirs: &[usize]) -> ModuleSolution {
+        let mut dirs: Vec<usize> = dirs
+            .iter()
+            .copied()
+            .filter(|&j| j < self.sigma().len())
+            .collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        ModuleSolution {
+            base_tensor: self.base_tensor.clone(),
+            sigma: self.sigma().to_vec(),
+            max_cos: self.max_cos(),
+            vectors: dirs
+                .into_iter()
+                .map(|j| {
+                    let (u, v) = self.singular_vectors(j);
+                    (j, u, v)
+                })
+                .collect(),
+            factors: factor_fingerprint(lora),
+        }
+    }
 }
 
 impl Gate {
-    pub(super) fn run(&self, job: &Job<'_>) -> Result<(ModuleReport, Option<String>)> {
+    /// One module's line of the report and, with `keep` and the Brand method, what a clamp of
+    /// its intruders needs (lifted here, while the base spectrum is at hand).
+    pub(super) fn run(
+        &self,
+        job: &Job<'_>,
+        keep: bool,
+    ) -> Result<(ModuleReport, Option<String>, Option<ModuleSolution>)> {
         let lora = job.lora;
         let k = self.config.top_k;
         let mut timings = BTreeMap::new();
         let t = Instant::now();
+        let mut kept = None;
         let (sigma, max_cos, outside, solver, source, warning) = match self.config.method {
             Method::Dense => {
                 check_base_values(&job.base_tensor, &job.w0, &self.config.limits)?;
@@ -86,32 +180,34 @@ impl Gate {
             Method::Brand => {
                 let solved = self.brand_solve(job, k + 1, &mut timings)?;
                 let (mc, out) = (solved.sol.max_cos(), solved.sol.outside_base_span());
-                (
-                    solved.sol.triplets.sigma,
+                let row = (
+                    solved.sigma().to_vec(),
                     mc,
                     out,
                     solved.sol.solver,
                     Some(solved.source),
-                    solved.warning,
-                )
+                    solved.warning.clone(),
+                );
+                kept = keep.then_some(solved);
+                row
             }
         };
-        Ok((
-            self.module_report(
-                lora.name.clone(),
-                job.base_tensor.clone(),
-                [lora.out_features, lora.in_features],
-                lora.rank,
-                lora.scale,
-                sigma,
-                max_cos,
-                outside,
-                solver,
-                source,
-                timings,
-            ),
-            warning,
-        ))
+        let report = self.module_report(
+            lora.name.clone(),
+            job.base_tensor.clone(),
+            [lora.out_features, lora.in_features],
+            lora.rank,
+            lora.scale,
+            sigma,
+            max_cos,
+            outside,
+            solver,
+            source,
+            timings,
+        );
+        // Every intruder of the report: both clamp targets pick among them.
+        let kept = kept.map(|s| s.keep(lora, &report.intruders));
+        Ok((report, warning, kept))
     }
 
     /// Plans `adapter` and solves every module for its top `want(module)` triplets by the Brand

@@ -1,6 +1,7 @@
 //! Screening an adapter: plan, the modules in parallel, the policy's verdict, the metrics and
 //! the event hook; a validation error becomes a `reject` report when the policy says so.
 
+use super::module::{ModuleSolution, Solutions};
 use super::{ms, Gate, ScreenEvent};
 use crate::adapter::{self, Adapter};
 use crate::error::{Error, Result};
@@ -56,8 +57,27 @@ impl Gate {
     /// Screens an adapter already in memory.
     pub fn screen(&self, adapter: &Adapter) -> Result<Report> {
         let started = Instant::now();
-        let result = self.screen_inner(adapter, started);
-        self.finish(&adapter.name, result, started)
+        let result = self.screen_inner(adapter, started, false);
+        self.finish(&adapter.name, result.map(|(r, _)| r), started)
+    }
+
+    /// [`Gate::screen`], also keeping each module's Brand solution (its intruders' singular
+    /// vectors lifted) so that [`crate::clamp::clamp_solved`] clamps without solving again. The
+    /// solutions stay beside the report, never in it; they are empty when the screening used the
+    /// dense method or ended in an error report. Costs the screening plus, per intruder, one
+    /// product with each base basis.
+    pub fn screen_with_solutions(&self, adapter: &Adapter) -> Result<(Report, Solutions)> {
+        let started = Instant::now();
+        let mut solutions = Solutions::new();
+        let result = self.screen_inner(adapter, started, true).map(|(r, s)| {
+            solutions = s;
+            r
+        });
+        let report = self.finish(&adapter.name, result, started)?;
+        if report.error.is_some() {
+            solutions.clear();
+        }
+        Ok((report, solutions))
     }
 
     /// Applies the policy's `on_invalid` to a validation error, then records the outcome.
@@ -124,7 +144,12 @@ impl Gate {
         report
     }
 
-    pub(super) fn screen_inner(&self, adapter: &Adapter, started: Instant) -> Result<Report> {
+    pub(super) fn screen_inner(
+        &self,
+        adapter: &Adapter,
+        started: Instant,
+        keep: bool,
+    ) -> Result<(Report, Solutions)> {
         let base = self.base.read();
         let jobs = self.plan(&base, adapter)?;
         let planned_ms = ms(started);
@@ -136,25 +161,30 @@ impl Gate {
                 adapter.not_screened.join(", ")
             ));
         }
-        let results: Vec<Result<(ModuleReport, Option<String>)>> = self
+        let results: Vec<Result<(ModuleReport, Option<String>, Option<ModuleSolution>)>> = self
             .pool
-            .install(|| jobs.par_iter().map(|j| self.run(j)).collect());
+            .install(|| jobs.par_iter().map(|j| self.run(j, keep)).collect());
         let mut modules = Vec::with_capacity(results.len());
+        let mut solutions = Solutions::new();
         for r in results {
-            let (m, w) = r?;
+            let (m, w, s) = r?;
+            if let Some(s) = s {
+                solutions.insert(m.module.clone(), s);
+            }
             modules.push(m);
             warnings.extend(w);
         }
         let mut timings = BTreeMap::from([("plan".to_string(), planned_ms)]);
         timings.insert("total".into(), ms(started));
-        Ok(self.assemble(
+        let report = self.assemble(
             base.label(),
             Some(adapter.name.clone()),
             None,
             modules,
             timings,
             warnings,
-        ))
+        );
+        Ok((report, solutions))
     }
 
     pub(super) fn assemble(
