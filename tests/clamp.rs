@@ -397,3 +397,126 @@ fn cli_clamp_verify_on_minilm() {
     assert!(stdout.contains("verify: PASSED"), "{stdout}");
     assert!(out.join("adapter_model.safetensors").is_file());
 }
+
+/// The base spectra the gate computed so far (its metrics; without any cache every request
+/// computes one).
+fn spectra_computed(g: &Gate) -> u64 {
+    let text = g.metrics().render();
+    let prefix = "intruder_gate_base_spectrum_cache_requests_total{result=\"computed\"} ";
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no computed counter in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+fn uncached_gate(base: &Path) -> Gate {
+    let g = Gate::new(Config {
+        cache_dir: None,
+        memory_cache_bytes: 0,
+        backend: intruder_gate::backend::BackendChoice::Cpu,
+        ..Config::default()
+    })
+    .unwrap();
+    g.attach_base(base).unwrap();
+    g
+}
+
+#[test]
+fn a_clamp_from_the_screening_solves_each_module_once() {
+    let base = common::minilm_base();
+    let g = uncached_gate(&base);
+    let adapter =
+        load_peft_dir(&common::fixtures().join("lora_r16_qv"), &Limits::default()).unwrap();
+    let (report, solutions) = g.screen_with_solutions(&adapter).unwrap();
+    let n = report.modules.len() as u64;
+    assert_eq!(spectra_computed(&g), n);
+    assert_eq!(solutions.len(), report.modules.len());
+    let once =
+        intruder_gate::clamp::clamp_solved(&adapter, &report, &solutions, &ClampOptions::default())
+            .unwrap();
+    assert!(once.clamped_directions() > 0);
+    assert_eq!(
+        spectra_computed(&g),
+        n,
+        "clamp_solved fetched a base spectrum"
+    );
+    // The report-only path solves every module again: the counter sees it.
+    let twice =
+        intruder_gate::clamp::clamp(&g, &adapter, &report, &ClampOptions::default()).unwrap();
+    assert_eq!(spectra_computed(&g), 2 * n);
+    assert_eq!(once.modules, twice.modules);
+}
+
+#[test]
+fn clamp_from_solutions_equals_the_two_pass_clamp_on_every_minilm_fixture() {
+    let base = common::minilm_base();
+    let g = gate(&base);
+    for name in ["lora_r2", "lora_r16_qv", "rslora_r16"] {
+        let adapter = load_peft_dir(&common::fixtures().join(name), &Limits::default()).unwrap();
+        let (report, solutions) = g.screen_with_solutions(&adapter).unwrap();
+        // The report is the one a plain screening gives.
+        let plain = g.screen(&adapter).unwrap();
+        assert_eq!(report.modules.len(), plain.modules.len());
+        for (a, b) in report.modules.iter().zip(&plain.modules) {
+            assert_eq!(
+                (&a.singular_values, &a.max_cos, &a.intruders),
+                (&b.singular_values, &b.max_cos, &b.intruders)
+            );
+        }
+        for mode in [ClampMode::Exact, ClampMode::RankPreserving] {
+            for &target in &TARGETS {
+                let o = opts(0.3, target, mode);
+                let once =
+                    intruder_gate::clamp::clamp_solved(&adapter, &report, &solutions, &o).unwrap();
+                let twice = intruder_gate::clamp::clamp(&g, &adapter, &report, &o).unwrap();
+                assert!(once.clamped_directions() > 0, "{name}");
+                // Bit for bit: the same solve, the same lifted vectors, the same assembly.
+                assert_eq!(once.modules, twice.modules, "{name} {target:?} {mode:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn solutions_of_another_screening_or_a_dense_screening_are_refused() {
+    let base = common::minilm_base();
+    let g = gate(&base);
+    let load = |name: &str| load_peft_dir(&common::fixtures().join(name), &Limits::default());
+    let adapter = load("lora_r16_qv").unwrap();
+    let (report, solutions) = g.screen_with_solutions(&adapter).unwrap();
+    let o = ClampOptions::default();
+    let refused = |e: intruder_gate::Error, what: &str| {
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.message().contains(what), "{e}");
+    };
+    // Another adapter's solutions with this report.
+    let other = load("lora_r2").unwrap();
+    let (_, other_solutions) = g.screen_with_solutions(&other).unwrap();
+    refused(
+        intruder_gate::clamp::clamp_solved(&adapter, &report, &other_solutions, &o).unwrap_err(),
+        "not those of this screening",
+    );
+    // The same shapes and report, but factors changed after the screening.
+    let mut changed = adapter.clone();
+    changed.modules[0].b[0] += 1.0;
+    refused(
+        intruder_gate::clamp::clamp_solved(&changed, &report, &solutions, &o).unwrap_err(),
+        "other factors",
+    );
+    // A dense-method screening keeps none.
+    let dense = Gate::new(Config {
+        cache_dir: None,
+        method: intruder_gate::report::Method::Dense,
+        backend: intruder_gate::backend::BackendChoice::Cpu,
+        ..Config::default()
+    })
+    .unwrap();
+    dense.attach_base(&base).unwrap();
+    let (dense_report, none) = dense.screen_with_solutions(&adapter).unwrap();
+    assert!(none.is_empty());
+    refused(
+        intruder_gate::clamp::clamp_solved(&adapter, &dense_report, &none, &o).unwrap_err(),
+        "use clamp",
+    );
+}
