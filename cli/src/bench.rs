@@ -210,13 +210,7 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
         "| configuration | modules | dense | brand-cold | brand-warm (memory) | brand-warm (disk) | dense / warm (memory) | dense / warm (disk) | dense / cold | warm scan peak RSS | intruders dense / brand | verdicts |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    let t = |x: f64| {
-        if x < 1.0 {
-            format!("{:.1} ms", x * 1e3)
-        } else {
-            format!("{x:.2} s")
-        }
-    };
+    let t = seconds;
     for r in rows {
         s += &format!(
             "| {} | {} | {} | {} | {} | {} | {:.0}× | {:.0}× | {:.2}× | {:.0} MiB | {} / {} | {} |\n",
@@ -254,4 +248,119 @@ pub fn llama_layer(dir: &Path, rank: usize) -> Result<(PathBuf, PathBuf)> {
     let adapter = dir.join(format!("llama-layer-r{rank}"));
     intruder_gate_testkit::synth::write_llama_adapter(&adapter, &[0], 4096, 11008, rank, 2, 8)?;
     Ok((base, adapter))
+}
+
+/// `clamp` against `scan` on one configuration, as the CLI runs them (no memory cache): cold with
+/// no cache at all (`--no-cache`), warm from a populated disk cache. Seconds, medians.
+pub struct ClampRow {
+    pub name: String,
+    pub modules: usize,
+    pub scan_cold: f64,
+    /// One screening keeping its solutions, then the factor assembly.
+    pub clamp_cold: f64,
+    /// The report-only path: a screening, then `clamp::clamp` solving every module again.
+    pub two_pass_cold: f64,
+    pub scan_warm: f64,
+    pub clamp_warm: f64,
+    pub two_pass_warm: f64,
+    pub directions: usize,
+    /// The one-pass factors equal the two-pass ones bit for bit.
+    pub identical: bool,
+}
+
+/// Times [`ClampRow`]'s columns, interleaved within each repetition so that drift on a shared
+/// machine hits them alike.
+pub fn measure_clamp(
+    name: &str,
+    base_path: &Path,
+    adapter_path: &Path,
+    scratch: &Path,
+    reps: usize,
+) -> Result<ClampRow> {
+    use intruder_gate::clamp::{self, ClampOptions};
+    let adapter = adapter::load_peft_dir(adapter_path, &Default::default())?;
+    let opts = ClampOptions::default();
+    let one_pass = |g: &Gate| {
+        let (report, solutions) = g.screen_with_solutions(&adapter)?;
+        clamp::clamp_solved(&adapter, &report, &solutions, &opts)
+    };
+    let two_pass = |g: &Gate| clamp::clamp(g, &adapter, &g.screen(&adapter)?, &opts);
+    let fresh = |cache: Option<&Path>| -> Result<Gate> {
+        let g = gate(cache, false)?;
+        g.attach_base(base_path)?;
+        Ok(g)
+    };
+    let cache = scratch.join(format!("bench-clamp-cache-{name}"));
+    let _ = std::fs::remove_dir_all(&cache);
+    fresh(Some(&cache))?.screen(&adapter)?;
+    let mut t: [Vec<f64>; 6] = Default::default();
+    let (mut once, mut twice) = (None, None);
+    for _ in 0..reps.max(1) {
+        t[0].push(timed(|| fresh(None)?.screen(&adapter))?.0);
+        let (s, c) = timed(|| one_pass(&fresh(None)?))?;
+        t[1].push(s);
+        once = Some(c);
+        let (s, c) = timed(|| two_pass(&fresh(None)?))?;
+        t[2].push(s);
+        twice = Some(c);
+        // A gate without a memory cache reads every spectrum from disk, like a fresh process.
+        let g = fresh(Some(&cache))?;
+        for _ in 0..WARM_SAMPLES {
+            t[3].push(timed(|| g.screen(&adapter))?.0);
+            t[4].push(timed(|| one_pass(&g))?.0);
+            t[5].push(timed(|| two_pass(&g))?.0);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    let (once, twice) = (
+        once.expect("one repetition"),
+        twice.expect("one repetition"),
+    );
+    let [scan_cold, clamp_cold, two_pass_cold, scan_warm, clamp_warm, two_pass_warm] =
+        t.map(median);
+    Ok(ClampRow {
+        name: name.to_string(),
+        modules: adapter.modules.len(),
+        scan_cold,
+        clamp_cold,
+        two_pass_cold,
+        scan_warm,
+        clamp_warm,
+        two_pass_warm,
+        directions: once.clamped_directions(),
+        identical: once.modules == twice.modules,
+    })
+}
+
+fn seconds(x: f64) -> String {
+    if x < 1.0 {
+        format!("{:.1} ms", x * 1e3)
+    } else {
+        format!("{x:.2} s")
+    }
+}
+
+/// The Markdown table of [`ClampRow`]s the README shows.
+pub fn clamp_table(rows: &[ClampRow]) -> String {
+    let mut s = String::from(
+        "| configuration | modules | scan cold | clamp cold | clamp / scan cold | two-pass clamp cold | scan warm (disk) | clamp warm | clamp / scan warm | two-pass clamp warm | directions clamped | factors vs two-pass |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {} | {:.2}× | {} | {} | {} | {:.2}× | {} | {} | {} |\n",
+            r.name,
+            r.modules,
+            seconds(r.scan_cold),
+            seconds(r.clamp_cold),
+            r.clamp_cold / r.scan_cold,
+            seconds(r.two_pass_cold),
+            seconds(r.scan_warm),
+            seconds(r.clamp_warm),
+            r.clamp_warm / r.scan_warm,
+            seconds(r.two_pass_warm),
+            r.directions,
+            if r.identical { "identical" } else { "DIFFER" }
+        );
+    }
+    s
 }

@@ -84,6 +84,9 @@ struct BenchArgs {
     /// Repetitions of the dense method.
     #[arg(long, default_value_t = 3)]
     dense_reps: usize,
+    /// Skip the clamp-against-scan rows (each costs about four cold screenings per repetition).
+    #[arg(long)]
+    no_clamp: bool,
     /// Scratch directory for generated models and caches.
     #[arg(long, default_value = "target/bench")]
     work: PathBuf,
@@ -661,13 +664,21 @@ fn bench(a: BenchArgs) -> Result<ExitCode, Error> {
         let (base, adapter) = bench::llama_layer(&a.work, r)?;
         configs.push((format!("Llama-7B layer r={r}"), base, adapter));
     }
-    let mut rows = Vec::new();
+    let (mut rows, mut clamp_rows) = (Vec::new(), Vec::new());
     for (name, base, adapter) in &configs {
         let row = bench::measure(name, base, adapter, &a.work, a.reps, a.dense_reps)?;
         eprint!("{}", bench::table(std::slice::from_ref(&row)));
         rows.push(row);
+        if !a.no_clamp {
+            let row = bench::measure_clamp(name, base, adapter, &a.work, a.reps)?;
+            eprint!("{}", bench::clamp_table(std::slice::from_ref(&row)));
+            clamp_rows.push(row);
+        }
     }
     let threads = rayon::current_num_threads();
     println!("{threads} threads\n\n{}", bench::table(&rows));
+    if !a.no_clamp {
+        println!("\n{}", bench::clamp_table(&clamp_rows));
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,7 @@ use crate::report::PyReport;
 use crate::tensors::{host_array, HostArray, Use};
 use intruder_gate::adapter::{Adapter, LoraModule};
 use intruder_gate::backend::BackendChoice;
-use intruder_gate::gate::ScreenEvent;
+use intruder_gate::gate::{ScreenEvent, Solutions};
 use intruder_gate::tensor::DType;
 use intruder_gate::{ClampMode, ClampOptions, Config, Error, ErrorKind, Policy, Target};
 use parking_lot::Mutex;
@@ -126,10 +126,12 @@ impl PyGate {
         slf: &Bound<'_, Self>,
         report: intruder_gate::Report,
         adapter: Option<Adapter>,
+        solutions: Solutions,
     ) -> PyReport {
         PyReport {
             report,
             adapter: adapter.map(Arc::new),
+            solutions: Arc::new(solutions),
             gate: slf.clone().unbind(),
         }
     }
@@ -225,8 +227,10 @@ impl PyGate {
 
     fn screen_adapter(slf: &Bound<'_, Self>, directory: PathBuf) -> PyResult<PyReport> {
         let this = slf.get();
-        let (report, adapter) = detached(slf.py(), || this.gate.load_and_screen(&directory))?;
-        Ok(Self::report(slf, report, adapter))
+        let (report, adapter, solutions) = detached(slf.py(), || {
+            this.gate.load_and_screen_with_solutions(&directory)
+        })?;
+        Ok(Self::report(slf, report, adapter, solutions))
     }
 
     #[pyo3(signature = (modules, name="in-memory", *, fan_in_fan_out=false))]
@@ -272,8 +276,8 @@ impl PyGate {
                 })
             })
             .map_err(errors::to_py)?;
-        let report = detached(py, || this.gate.screen(&adapter))?;
-        Ok(Self::report(slf, report, Some(adapter)))
+        let (report, solutions) = detached(py, || this.gate.screen_with_solutions(&adapter))?;
+        Ok(Self::report(slf, report, Some(adapter), solutions))
     }
 
     #[pyo3(signature = (report, lam=0.75, target="all", mode="exact", pad_rank_to=0))]
@@ -325,9 +329,15 @@ impl PyGate {
             0 => None,
             n => Some(n),
         };
+        let solutions = report.solutions.clone();
         let report = &report.report;
         let (clamped, factors) = detached(py, || {
-            let clamped = intruder_gate::clamp::clamp(&this.gate, &adapter, report, &opts)?;
+            // The screening's solutions: nothing is solved again (dense-method gates keep none).
+            let clamped = if solutions.is_empty() {
+                intruder_gate::clamp::clamp(&this.gate, &adapter, report, &opts)?
+            } else {
+                intruder_gate::clamp::clamp_solved(&adapter, report, &solutions, &opts)?
+            };
             let factors = clamped.to_adapter(DType::F32, pad)?;
             Ok((clamped, factors))
         })?;

@@ -1,6 +1,7 @@
 //! `Report` and `ModuleReport`: the library's report, attributes named as in its JSON.
 
 use intruder_gate::adapter::Adapter;
+use intruder_gate::gate::Solutions;
 use pyo3::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ pub struct PyReport {
     pub report: intruder_gate::Report,
     /// The screened adapter, for `Gate.clamp`; `None` when it was rejected before it loaded.
     pub adapter: Option<Arc<Adapter>>,
+    /// The screening's Brand solutions, so that `Gate.clamp` solves nothing again.
+    pub solutions: Arc<Solutions>,
     /// The gate that screened it: `Gate.clamp` needs that one, and `peft.clamp_model` finds it
     /// here.
     pub gate: Py<PyGate>,

@@ -46,8 +46,10 @@ fn invalid(message: String) -> Failure {
 /// `target` or `mode`, a report from another gate or from a failed screening (a `reject` report
 /// carrying the error), or a `pad_rank_to` below a module's clamped rank; IG_STATUS_LIMIT for a
 /// `pad_rank_to` over the rank limit (4096). On failure nothing is
-/// written and nothing changes. Costs about one screening (base spectra come from the cache);
-/// safe to call from many threads at once, like screening.
+/// written and nothing changes. Solves nothing again: the report keeps its screening's Brand
+/// solutions (each intruder's singular vectors, `(out + in)` doubles each), so a clamp costs the
+/// factor assembly only; a report of a dense-method gate keeps none, and its clamp costs about one
+/// screening (base spectra from the cache). Safe to call from many threads at once, like screening.
 ///
 /// # Safety
 /// `g` is NULL or a live gate; `r` is NULL or a live report; `out` is NULL or writable.
@@ -94,7 +96,11 @@ pub unsafe extern "C" fn ig_gate_clamp(
                 "the report has no adapter to clamp: its screening failed: {why}"
             ))
         })?;
-        let clamped = crate::clamp::clamp(&g.gate, adapter, &r.report, &opts)?;
+        let clamped = if r.solutions.is_empty() {
+            crate::clamp::clamp(&g.gate, adapter, &r.report, &opts)?
+        } else {
+            crate::clamp::clamp_solved(adapter, &r.report, &r.solutions, &opts)?
+        };
         let modules = clamped.to_adapter(clamped.dtype, pad)?;
         *out = into_handle(ig_adapter::from_adapter(
             modules,

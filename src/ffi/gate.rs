@@ -100,8 +100,8 @@ pub unsafe extern "C" fn ig_gate_screen_adapter(
         let g = arg(g, "gate")?;
         let dir = str_arg(adapter_dir, "adapter_dir")?;
         let out = out_arg(out, "out")?;
-        let (report, adapter) = g.gate.load_and_screen(Path::new(dir))?;
-        *out = into_handle(ig_report::new(report, g.id, adapter)?);
+        let (report, adapter, solutions) = g.gate.load_and_screen_with_solutions(Path::new(dir))?;
+        *out = into_handle(ig_report::new(report, g.id, adapter, solutions)?);
         Ok(())
     })
 }
@@ -123,8 +123,8 @@ pub unsafe extern "C" fn ig_gate_screen(
         let a = arg(a, "adapter")?;
         let out = out_arg(out, "out")?;
         let adapter = a.to_adapter(&g.gate.config().limits)?;
-        let report = g.gate.screen(&adapter)?;
-        *out = into_handle(ig_report::new(report, g.id, Some(adapter))?);
+        let (report, solutions) = g.gate.screen_with_solutions(&adapter)?;
+        *out = into_handle(ig_report::new(report, g.id, Some(adapter), solutions)?);
         Ok(())
     })
 }

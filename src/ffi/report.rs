@@ -2,6 +2,7 @@
 
 use super::{arg, ffi_try, ffi_value, free_handle, ig_status, out_arg, Failure};
 use crate::adapter::Adapter;
+use crate::gate::Solutions;
 use crate::policy::Screened as _;
 use crate::report::{Report, Verdict};
 use std::ffi::{c_char, CString};
@@ -32,6 +33,10 @@ pub struct ig_report {
     /// The adapter screened, for `ig_gate_clamp`; `None` when the screening failed (a `reject`
     /// report carrying the error).
     pub(crate) adapter: Option<Adapter>,
+    /// The screening's Brand solutions (intruder vectors lifted), so that `ig_gate_clamp` solves
+    /// nothing again; empty for the dense method or a failed screening. Immutable like the rest,
+    /// and tied to `adapter` by the clamp's checks.
+    pub(crate) solutions: Solutions,
 }
 
 impl ig_report {
@@ -39,6 +44,7 @@ impl ig_report {
         report: Report,
         gate: u64,
         adapter: Option<Adapter>,
+        solutions: Solutions,
     ) -> Result<Self, Failure> {
         let c = |s: &str| {
             CString::new(s)
@@ -52,6 +58,7 @@ impl ig_report {
         Ok(ig_report {
             json: report.to_json(),
             adapter: adapter.filter(|_| report.error.is_none()),
+            solutions,
             report,
             c_names,
             gate,

@@ -84,6 +84,9 @@ fn factor_fingerprint(lora: &LoraModule) -> u64 {
     h.digest()
 }
 
+/// One module's line of the report, its warning, and its kept solution (see [`Gate::run`]).
+pub(super) type ModuleRun = (ModuleReport, Option<String>, Option<ModuleSolution>);
+
 /// One module's Brand solution, with the base spectrum in `W0`'s `[out, in]` orientation (what
 /// [`BrandSolution::singular_vectors`] lifts into).
 pub(crate) struct Solved {
@@ -148,11 +151,7 @@ impl Solved {
 impl Gate {
     /// One module's line of the report and, with `keep` and the Brand method, what a clamp of
     /// its intruders needs (lifted here, while the base spectrum is at hand).
-    pub(super) fn run(
-        &self,
-        job: &Job<'_>,
-        keep: bool,
-    ) -> Result<(ModuleReport, Option<String>, Option<ModuleSolution>)> {
+    pub(super) fn run(&self, job: &Job<'_>, keep: bool) -> Result<ModuleRun> {
         let lora = job.lora;
         let k = self.config.top_k;
         let mut timings = BTreeMap::new();

@@ -1,7 +1,7 @@
 //! Screening an adapter: plan, the modules in parallel, the policy's verdict, the metrics and
 //! the event hook; a validation error becomes a `reject` report when the policy says so.
 
-use super::module::{ModuleSolution, Solutions};
+use super::module::{ModuleRun, Solutions};
 use super::{ms, Gate, ScreenEvent};
 use crate::adapter::{self, Adapter};
 use crate::error::{Error, Result};
@@ -25,14 +25,31 @@ impl Gate {
         let started = Instant::now();
         match self.load_checked(dir) {
             Ok(a) => Ok((self.screen(&a)?, Some(a))),
-            Err(e) => {
-                let name = dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                Ok((self.finish(&name, Err(e), started)?, None))
-            }
+            Err(e) => Ok((self.rejected_dir(dir, e, started)?, None)),
         }
+    }
+
+    /// [`Gate::load_and_screen`] keeping the solutions, as [`Gate::screen_with_solutions`].
+    pub fn load_and_screen_with_solutions(
+        &self,
+        dir: &Path,
+    ) -> Result<(Report, Option<Adapter>, Solutions)> {
+        let started = Instant::now();
+        match self.load_checked(dir) {
+            Ok(a) => {
+                let (report, solutions) = self.screen_with_solutions(&a)?;
+                Ok((report, Some(a), solutions))
+            }
+            Err(e) => Ok((self.rejected_dir(dir, e, started)?, None, Solutions::new())),
+        }
+    }
+
+    fn rejected_dir(&self, dir: &Path, e: Error, started: Instant) -> Result<Report> {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.finish(&name, Err(e), started)
     }
 
     /// Loads a PEFT directory whose modules' shapes, read from its header alone, fit their base
@@ -161,7 +178,7 @@ impl Gate {
                 adapter.not_screened.join(", ")
             ));
         }
-        let results: Vec<Result<(ModuleReport, Option<String>, Option<ModuleSolution>)>> = self
+        let results: Vec<Result<ModuleRun>> = self
             .pool
             .install(|| jobs.par_iter().map(|j| self.run(j, keep)).collect());
         let mut modules = Vec::with_capacity(results.len());
