@@ -445,8 +445,10 @@ void ig_adapter_free(ig_adapter *a);
  * `target` or `mode`, a report from another gate or from a failed screening (a `reject` report
  * carrying the error), or a `pad_rank_to` below a module's clamped rank; IG_STATUS_LIMIT for a
  * `pad_rank_to` over the rank limit (4096). On failure nothing is
- * written and nothing changes. Costs about one screening (base spectra come from the cache);
- * safe to call from many threads at once, like screening.
+ * written and nothing changes. Solves nothing again: the report keeps its screening's Brand
+ * solutions (each intruder's singular vectors, `(out + in)` doubles each), so a clamp costs the
+ * factor assembly only; a report of a dense-method gate keeps none, and its clamp costs about one
+ * screening (base spectra from the cache). Safe to call from many threads at once, like screening.
  *
  * # Safety
  * `g` is NULL or a live gate; `r` is NULL or a live report; `out` is NULL or writable.
