@@ -139,6 +139,7 @@ impl Gate {
         let results: Vec<Result<(ModuleReport, Option<String>)>> = self
             .pool
             .install(|| jobs.par_iter().map(|j| self.run(j)).collect());
+        self.cache.save_fingerprints();
         let mut modules = Vec::with_capacity(results.len());
         for r in results {
             let (m, w) = r?;

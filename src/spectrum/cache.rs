@@ -2,11 +2,12 @@
 //! file per base tensor) → compute. Keyed by a fingerprint of the tensor's bytes, never its name.
 //! Concurrent requests for one tensor compute it once (single flight).
 
+use super::fingerprints::Fingerprints;
 use crate::backend::Spectrum;
 use crate::error::{Error, Result};
 use crate::floats::Floats;
 use crate::limits::Limits;
-use crate::safetensors_file::{self, SafetensorsFile};
+use crate::safetensors_file::{self, FileIdentity, SafetensorsFile};
 use crate::tensor::{encode, DType, TensorRef};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
@@ -123,6 +124,7 @@ pub struct SpectrumCache {
     memory: Mutex<Lru>,
     in_flight: Mutex<HashMap<Key, Arc<Flight>>>,
     limits: Limits,
+    fingerprints: Option<Fingerprints>,
 }
 
 struct Lru {
@@ -174,7 +176,6 @@ impl SpectrumCache {
             remove_stale_temporaries(d);
         }
         SpectrumCache {
-            dir,
             disk_dtype,
             memory: Mutex::new(Lru {
                 capacity_bytes: memory_bytes,
@@ -183,7 +184,35 @@ impl SpectrumCache {
                 entries: HashMap::new(),
             }),
             in_flight: Mutex::new(HashMap::new()),
+            fingerprints: dir.as_deref().map(|d| Fingerprints::new(d, &limits)),
+            dir,
             limits,
+        }
+    }
+
+    /// The cache key of tensor `name` of a base file, remembered or computed (and then
+    /// remembered, written by [`SpectrumCache::save_fingerprints`]; see
+    /// [`super::fingerprints`]).
+    pub fn key(&self, file: Option<FileIdentity>, name: &str, w0: &TensorRef<'_>) -> Key {
+        let remembered = self.fingerprints.as_ref().zip(file);
+        if let Some(fingerprint) = remembered.and_then(|(f, id)| f.get(&id, name)) {
+            return Key {
+                fingerprint,
+                dtype: w0.dtype,
+                rows: w0.rows,
+                cols: w0.cols,
+            };
+        }
+        let key = Key::of(w0);
+        if let Some((f, id)) = remembered {
+            f.put(&id, name, key.fingerprint);
+        }
+        key
+    }
+
+    pub fn save_fingerprints(&self) {
+        if let Some(f) = &self.fingerprints {
+            f.save();
         }
     }
 
@@ -374,14 +403,14 @@ impl SpectrumCache {
 
 /// Removes the temporary files of cache entries whose writer is gone (a process killed while
 /// writing leaves one, up to a few hundred MB), and returns how many. Only names of this cache's
-/// own temporaries (`.<entry name>.<pid>.<seq>.tmp`, see `safetensors_file::temp_sibling`) are
-/// touched, and only when both the writer's lock on the file can be taken (a live writer holds
+/// own temporaries (`.<name>.<pid>.<seq>.tmp` of entries and of remembered fingerprints, see
+/// `safetensors_file::temp_sibling`) are touched, and only when both the writer's lock on the file can be taken (a live writer holds
 /// it until its rename) and the process id in the name is not alive (writers without that lock).
 /// Anything else, or any error, leaves the file alone.
 pub fn remove_stale_temporaries(dir: &Path) -> usize {
     static TEMP: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
         regex::Regex::new(
-            r"^\.[0-9a-f]{32}-[0-9]+x[0-9]+-[a-z0-9]+\.v[0-9]+\.safetensors\.([0-9]+)\.[0-9]+\.tmp$",
+            r"^\.(?:[0-9a-f]{32}-[0-9]+x[0-9]+-[a-z0-9]+\.v[0-9]+\.safetensors|fingerprints-[0-9a-f]+-[0-9a-f]+\.json)\.([0-9]+)\.[0-9]+\.tmp$",
         )
         .expect("a valid regex")
     });

@@ -42,6 +42,7 @@ pub mod cache;
 mod cholesky;
 pub mod dense;
 pub mod device;
+pub mod fingerprints;
 pub(crate) mod kernels;
 pub mod krylov;
 mod lu;
