@@ -49,6 +49,7 @@ mod lu;
 mod operators;
 mod orthonormalize;
 pub mod params;
+pub mod probe;
 pub mod randomized;
 pub mod rng;
 mod shift_invert;
