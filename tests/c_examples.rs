@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{adapter_dir, assert_same_numbers, cli_report, minilm_base};
+use common::{adapter_dir, assert_same_numbers, cli, cli_report, minilm_base};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -296,6 +296,64 @@ fn adapter_registry_cpp_activates_clamped_factors_under_a_policy() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// A refused adapter's line names why: the policy rule that rejected it, or the error of an
+/// adapter the gate could not screen — each as the CLI reports it under the same policy.
+#[test]
+fn adapter_registry_cpp_refusals_give_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"rules": [{"metric": "total_intruders", "threshold": 1, "action": "reject"}], "on_invalid": "reject"}"#,
+    )
+    .unwrap();
+    let mismatched = edited_r2(
+        tmp.path(),
+        "mismatched",
+        |_| {},
+        |h| h.replace(".query.", ".qvery."),
+    );
+    let cli_json = |dir: &Path| -> serde_json::Value {
+        let out = cli()
+            .args(["scan", "--no-cache", "--format", "json", "--policy"])
+            .arg(&policy)
+            .arg("--base")
+            .arg(minilm_base())
+            .arg("--adapter")
+            .arg(dir)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    };
+    let (r2, bad) = (cli_json(&adapter_dir("lora_r2")), cli_json(&mismatched));
+    let rule = r2["fired_rules"][0]["reason"].as_str().unwrap().to_owned();
+    let error = format!(
+        "{} error: {}",
+        bad["error"]["kind"].as_str().unwrap(),
+        bad["error"]["message"].as_str().unwrap()
+    );
+    let script = format!(
+        "load r2 {}\nload bad {}\n",
+        adapter_dir("lora_r2").display(),
+        mismatched.display()
+    );
+    let mut cmd = Command::new(adapter_registry());
+    cmd.arg("--policy").arg(&policy).arg(minilm_base());
+    let out = run(&mut cmd, &script);
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("refused r2: verdict reject ("),
+        "{stdout}"
+    );
+    assert!(lines[0].ends_with(&format!("): {rule}")), "{stdout}");
+    assert!(
+        lines[1].starts_with("refused bad: verdict reject ("),
+        "{stdout}"
+    );
+    assert!(lines[1].ends_with(&format!("): {error}")), "{stdout}");
 }
 
 const CLAMP_ON_ANY_INTRUDER: &str =
