@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{adapter_dir, assert_same_numbers, cli, cli_report, minilm_base};
+use common::{adapter_dir, assert_same_numbers, cli, cli_report, minilm_base, tool_or_skip};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -93,13 +93,6 @@ fn run(cmd: &mut Command, stdin: &str) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn on_path(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 #[test]
@@ -410,8 +403,7 @@ fn promtool_check(metrics: &str) -> Option<(bool, String)> {
 /// loads, promtool accepts the text, and the event callback logs each screening.
 #[test]
 fn adapter_registry_cpp_serves_metrics_while_loading() {
-    if !on_path("curl") {
-        println!("skipped: curl not installed");
+    if !tool_or_skip("curl", "the metrics scrape") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -502,7 +494,7 @@ fn adapter_registry_cpp_serves_metrics_while_loading() {
         "{body}"
     );
     match promtool_check(body) {
-        None => println!("skipped: promtool not installed"),
+        None => assert!(!tool_or_skip("promtool", "promtool's check of the scrape")),
         Some((passed, output)) => {
             println!("promtool check metrics: passed={passed} output={output:?}");
             assert!(passed && output.trim().is_empty(), "{output}\n{body}");
@@ -535,8 +527,7 @@ fn adapter_registry_cpp_serves_metrics_while_loading() {
 
 #[test]
 fn pkg_config_file_points_at_the_built_library() {
-    if !on_path("pkg-config") {
-        println!("skipped: pkg-config not installed");
+    if !tool_or_skip("pkg-config", "the pkg-config file check") {
         return;
     }
     let out = Command::new("pkg-config")
@@ -558,8 +549,7 @@ fn pkg_config_file_points_at_the_built_library() {
 
 #[test]
 fn cmake_builds_the_examples_through_pkg_config() {
-    if !on_path("cmake") {
-        println!("skipped: cmake not installed");
+    if !tool_or_skip("cmake", "the CMake build") {
         return;
     }
     let build = work_dir().join("cmake-build");
@@ -597,8 +587,7 @@ fn cmake_builds_the_examples_through_pkg_config() {
 /// runs), then under valgrind, which must find no leak and no error. The suppressions cover two
 /// "possibly lost" reports that are not leaks (see the file).
 fn assert_valgrind_clean(exe: &Path, args: &[&std::ffi::OsStr], stdin: &str) -> Option<Output> {
-    if !on_path("valgrind") {
-        println!("skipped: valgrind not installed");
+    if !tool_or_skip("valgrind", "the valgrind run") {
         return None;
     }
     assert!(run(Command::new(exe).args(args), stdin).status.success());

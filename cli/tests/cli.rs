@@ -300,12 +300,7 @@ fn index_resumes_and_reports_progress() {
     assert!(lines.contains(" disk_hit ("), "{lines}");
 
     // A terminal: util-linux `script` runs the command on a pseudo-terminal.
-    if std::process::Command::new("script")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        println!("skipped the terminal half: `script` (util-linux) is not installed");
+    if !tool_or_skip("script", "the terminal half (util-linux `script`)") {
         return;
     }
     let command = format!(
