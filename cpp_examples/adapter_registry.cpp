@@ -81,6 +81,15 @@ class Report {
     for (size_t i = 0; i < out.size(); ++i) check(ig_report_module(r_.get(), i, &out[i]), "report module");
     return out;
   }
+  // Why the verdict is what it is: the error, or the policy rules that fired.
+  std::string reason() const {
+    size_t needed = 0;
+    ig_report_reason(r_.get(), nullptr, 0, &needed);  // asks for the size
+    std::string out(needed, '\0');
+    check(ig_report_reason(r_.get(), out.data(), out.size(), &needed), "report reason");
+    out.resize(needed - 1);
+    return out;
+  }
 
  private:
   Handle<ig_report, ig_report_free> r_;
@@ -226,7 +235,8 @@ class Registry {
       }
       default:
         std::cout << "refused " << name << ": verdict " << verdict_name(verdict) << " ("
-                  << report.total_intruders() << " intruder dimensions" << worst_module(report) << ")\n";
+                  << report.total_intruders() << " intruder dimensions" << worst_module(report)
+                  << "): " << report.reason() << "\n";
         return;
     }
     // Module name -> base tensor, as the gate mapped it.

@@ -686,6 +686,17 @@ ig_status ig_report_module(const ig_report *r, size_t i, ig_module_summary *out)
 ig_status ig_report_json(const ig_report *r, char *buf, size_t cap, size_t *needed);
 
 /**
+ * Why the report's verdict is what it is, one line of UTF-8: the error of a report that carries
+ * one (`"<kind> error: <message>"`), else the policy rules that fired, `; `-separated (e.g.
+ * `"total_intruders = 7 ≥ 1 → reject"`), else `"no policy rule fired"`. Buffer convention as
+ * [`ig_report_json`].
+ *
+ * # Safety
+ * As [`ig_report_json`].
+ */
+ig_status ig_report_reason(const ig_report *r, char *buf, size_t cap, size_t *needed);
+
+/**
  * Frees a report. NULL is a no-op.
  *
  * # Safety

@@ -149,6 +149,20 @@ pub struct ReportError {
 }
 
 impl Report {
+    /// Why the verdict is what it is, in one line: the error of a report that carries one, else
+    /// the rules that fired (`; `-separated), else that none did.
+    pub fn reason(&self) -> String {
+        match &self.error {
+            Some(e) => format!("{} error: {}", e.kind, e.message),
+            None if self.fired_rules.is_empty() => "no policy rule fired".to_string(),
+            None => {
+                let reasons: Vec<&str> =
+                    self.fired_rules.iter().map(|f| f.reason.as_str()).collect();
+                reasons.join("; ")
+            }
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("report serialises")
     }

@@ -34,6 +34,41 @@ pub struct SafetensorsFile {
     metadata: BTreeMap<String, String>,
     data_offset: usize,
     owner_only: bool,
+    identity: Option<FileIdentity>,
+}
+
+/// What identifies a file's contents without reading them (unix): device, inode, size, and the
+/// modification and status-change times. A write changes the ctime, which no unprivileged
+/// process can set back, so equal identities mean unchanged contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> Option<FileIdentity> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let ns = |s: i64, n: i64| s.checked_mul(1_000_000_000)?.checked_add(n);
+            Some(FileIdentity {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                size: meta.size(),
+                mtime_ns: ns(meta.mtime(), meta.mtime_nsec())?,
+                ctime_ns: ns(meta.ctime(), meta.ctime_nsec())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = meta;
+            None
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -118,6 +153,7 @@ impl SafetensorsFile {
             metadata,
             data_offset,
             owner_only: writable_only_by_us(&file),
+            identity: file.metadata().ok().and_then(|m| FileIdentity::of(&m)),
         })
     }
 
@@ -133,6 +169,11 @@ impl SafetensorsFile {
     /// one else (unix; false elsewhere).
     pub fn writable_only_by_us(&self) -> bool {
         self.owner_only
+    }
+
+    /// The opened file's identity (unix).
+    pub fn identity(&self) -> Option<FileIdentity> {
+        self.identity
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{adapter_dir, assert_same_numbers, cli_report, minilm_base};
+use common::{adapter_dir, assert_same_numbers, cli, cli_report, minilm_base, tool_or_skip};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -93,13 +93,6 @@ fn run(cmd: &mut Command, stdin: &str) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn on_path(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 #[test]
@@ -298,6 +291,64 @@ fn adapter_registry_cpp_activates_clamped_factors_under_a_policy() {
     );
 }
 
+/// A refused adapter's line names why: the policy rule that rejected it, or the error of an
+/// adapter the gate could not screen — each as the CLI reports it under the same policy.
+#[test]
+fn adapter_registry_cpp_refusals_give_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"rules": [{"metric": "total_intruders", "threshold": 1, "action": "reject"}], "on_invalid": "reject"}"#,
+    )
+    .unwrap();
+    let mismatched = edited_r2(
+        tmp.path(),
+        "mismatched",
+        |_| {},
+        |h| h.replace(".query.", ".qvery."),
+    );
+    let cli_json = |dir: &Path| -> serde_json::Value {
+        let out = cli()
+            .args(["scan", "--no-cache", "--format", "json", "--policy"])
+            .arg(&policy)
+            .arg("--base")
+            .arg(minilm_base())
+            .arg("--adapter")
+            .arg(dir)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    };
+    let (r2, bad) = (cli_json(&adapter_dir("lora_r2")), cli_json(&mismatched));
+    let rule = r2["fired_rules"][0]["reason"].as_str().unwrap().to_owned();
+    let error = format!(
+        "{} error: {}",
+        bad["error"]["kind"].as_str().unwrap(),
+        bad["error"]["message"].as_str().unwrap()
+    );
+    let script = format!(
+        "load r2 {}\nload bad {}\n",
+        adapter_dir("lora_r2").display(),
+        mismatched.display()
+    );
+    let mut cmd = Command::new(adapter_registry());
+    cmd.arg("--policy").arg(&policy).arg(minilm_base());
+    let out = run(&mut cmd, &script);
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("refused r2: verdict reject ("),
+        "{stdout}"
+    );
+    assert!(lines[0].ends_with(&format!("): {rule}")), "{stdout}");
+    assert!(
+        lines[1].starts_with("refused bad: verdict reject ("),
+        "{stdout}"
+    );
+    assert!(lines[1].ends_with(&format!("): {error}")), "{stdout}");
+}
+
 const CLAMP_ON_ANY_INTRUDER: &str =
     r#"{"rules": [{"metric": "total_intruders", "threshold": 1, "action": "clamp"}]}"#;
 
@@ -352,8 +403,7 @@ fn promtool_check(metrics: &str) -> Option<(bool, String)> {
 /// loads, promtool accepts the text, and the event callback logs each screening.
 #[test]
 fn adapter_registry_cpp_serves_metrics_while_loading() {
-    if !on_path("curl") {
-        println!("skipped: curl not installed");
+    if !tool_or_skip("curl", "the metrics scrape") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -444,7 +494,7 @@ fn adapter_registry_cpp_serves_metrics_while_loading() {
         "{body}"
     );
     match promtool_check(body) {
-        None => println!("skipped: promtool not installed"),
+        None => assert!(!tool_or_skip("promtool", "promtool's check of the scrape")),
         Some((passed, output)) => {
             println!("promtool check metrics: passed={passed} output={output:?}");
             assert!(passed && output.trim().is_empty(), "{output}\n{body}");
@@ -477,8 +527,7 @@ fn adapter_registry_cpp_serves_metrics_while_loading() {
 
 #[test]
 fn pkg_config_file_points_at_the_built_library() {
-    if !on_path("pkg-config") {
-        println!("skipped: pkg-config not installed");
+    if !tool_or_skip("pkg-config", "the pkg-config file check") {
         return;
     }
     let out = Command::new("pkg-config")
@@ -500,8 +549,7 @@ fn pkg_config_file_points_at_the_built_library() {
 
 #[test]
 fn cmake_builds_the_examples_through_pkg_config() {
-    if !on_path("cmake") {
-        println!("skipped: cmake not installed");
+    if !tool_or_skip("cmake", "the CMake build") {
         return;
     }
     let build = work_dir().join("cmake-build");
@@ -539,8 +587,7 @@ fn cmake_builds_the_examples_through_pkg_config() {
 /// runs), then under valgrind, which must find no leak and no error. The suppressions cover two
 /// "possibly lost" reports that are not leaks (see the file).
 fn assert_valgrind_clean(exe: &Path, args: &[&std::ffi::OsStr], stdin: &str) -> Option<Output> {
-    if !on_path("valgrind") {
-        println!("skipped: valgrind not installed");
+    if !tool_or_skip("valgrind", "the valgrind run") {
         return None;
     }
     assert!(run(Command::new(exe).args(args), stdin).status.success());

@@ -42,13 +42,21 @@ fn cos(r: &Report) -> Vec<Vec<f64>> {
     r.modules.iter().map(|m| m.max_cos.clone()).collect()
 }
 
+/// The entries (and temporaries) in a cache directory; not the remembered fingerprints.
 fn cache_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| !is_fingerprints(p))
         .collect();
     v.sort();
     v
+}
+
+fn is_fingerprints(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("fingerprints-"))
 }
 
 #[test]
@@ -444,7 +452,13 @@ fn stale_temporaries_of_dead_writers_are_removed_on_start() {
     child.wait().unwrap();
     let entry = format!("{:032x}-96x96-f32.v1.safetensors", 0xabcdu128);
     let temp = |pid: u32, seq: u32| cache.path().join(format!(".{entry}.{pid}.{seq}.tmp"));
-    let stale = [temp(dead, 0), temp(dead, 7)];
+    let stale = [
+        temp(dead, 0),
+        temp(dead, 7),
+        cache
+            .path()
+            .join(format!(".fingerprints-fe00-9e4d0c.json.{dead}.2.tmp")),
+    ];
     let live = temp(std::process::id(), 0);
     let locked = temp(dead, 3);
     let others = [
@@ -468,4 +482,88 @@ fn stale_temporaries_of_dead_writers_are_removed_on_start() {
     for f in [&live, &locked].into_iter().chain(&others) {
         assert!(f.exists(), "{} removed", f.display());
     }
+}
+
+/// Remembered fingerprints (the one-shot path): a second gate finds its entries without
+/// hashing the base; a base file changed in place (same size, same inode) is never matched to
+/// the old fingerprints, so the changed tensor gets its own spectrum; a fingerprints file
+/// others can write is ignored.
+#[test]
+fn remembered_fingerprints_follow_the_base_files_identity() {
+    use intruder_gate::safetensors_file::{FileIdentity, SafetensorsFile};
+    let dir = tempfile::tempdir().unwrap();
+    let p = setup(dir.path(), 31);
+    let cache = tempfile::tempdir().unwrap();
+    let screen = |base: &Path| {
+        let g = gate(Some(cache.path()), Method::Brand, CacheDType::F32);
+        g.attach_base(base).unwrap();
+        g.screen_adapter_dir(&p.adapter).unwrap()
+    };
+    let first = screen(&p.base);
+    assert_eq!(sources(&first), ["computed"; 3]);
+    let remembered: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| is_fingerprints(p))
+        .collect();
+    assert_eq!(remembered.len(), 1, "one file per base file");
+    let again = screen(&p.base);
+    assert_eq!(sources(&again), ["disk_hit"; 3]);
+    assert_eq!(cos(&again), cos(&first));
+
+    // Change one base tensor in place: same length, same inode, its rows rotated by one.
+    let target = &first.modules[1].base_tensor;
+    let (start, end, row) = {
+        let f = SafetensorsFile::open(&p.base, &intruder_gate::limits::Limits::default()).unwrap();
+        let info = f.info(target).unwrap().clone();
+        let row = (info.end - info.start) / info.shape[0];
+        let header =
+            8 + u64::from_le_bytes(std::fs::read(&p.base).unwrap()[..8].try_into().unwrap());
+        (
+            header as usize + info.start,
+            header as usize + info.end,
+            row,
+        )
+    };
+    let identity = || FileIdentity::of(&std::fs::metadata(&p.base).unwrap()).unwrap();
+    let before = identity();
+    std::thread::sleep(std::time::Duration::from_millis(20)); // past the timestamp granularity
+    let mut bytes = std::fs::read(&p.base).unwrap();
+    bytes[start..end].rotate_left(row);
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p.base)
+            .unwrap();
+        f.seek(SeekFrom::Start(start as u64)).unwrap();
+        f.write_all(&bytes[start..end]).unwrap();
+    }
+    assert_ne!(identity(), before, "a write changes the file's identity");
+    let changed = screen(&p.base);
+    assert_eq!(sources(&changed), ["disk_hit", "computed", "disk_hit"]);
+    let reference = {
+        let g = gate(None, Method::Brand, CacheDType::F32);
+        g.attach_base(&p.base).unwrap();
+        g.screen_adapter_dir(&p.adapter).unwrap()
+    };
+    assert_eq!(cos(&changed), cos(&reference));
+    assert_ne!(
+        cos(&changed)[1],
+        cos(&first)[1],
+        "the change matters to the screening"
+    );
+
+    // Point every tensor at the changed tensor's fingerprint in a file others can write: ignored.
+    let text = std::fs::read_to_string(&remembered[0]).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let wrong = json["tensors"][target.as_str()].clone();
+    for (_, v) in json["tensors"].as_object_mut().unwrap() {
+        *v = wrong.clone();
+    }
+    std::fs::write(&remembered[0], json.to_string()).unwrap();
+    set_mode(&remembered[0], 0o666);
+    let ignored = screen(&p.base);
+    assert_eq!(sources(&ignored), ["disk_hit"; 3]);
+    assert_eq!(cos(&ignored), cos(&reference));
 }

@@ -749,6 +749,34 @@ fn json_and_last_error_buffers_report_the_size_needed() {
         ));
         assert_eq!(exact[needed - 1], 0);
 
+        // The reason, same convention: lora_r2's default-policy verdict is warn, from one rule
+        // that the JSON lists too.
+        let report = json(r);
+        let want = report["fired_rules"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(report["fired_rules"].as_array().unwrap().len(), 1);
+        assert_status(
+            ig_report_reason(r, small.as_mut_ptr(), 4, &mut needed),
+            IG_STATUS_BUFFER_TOO_SMALL,
+            "needs",
+        );
+        assert_eq!(needed, want.len() + 1);
+        let mut reason = vec![0u8; needed];
+        ok(ig_report_reason(
+            r,
+            reason.as_mut_ptr().cast(),
+            needed,
+            &mut needed,
+        ));
+        assert_eq!(std::str::from_utf8(&reason[..needed - 1]).unwrap(), want);
+        assert_status(
+            ig_report_reason(null(), null_mut(), 0, &mut needed),
+            IG_STATUS_INVALID_ARGUMENT,
+            "report is NULL",
+        );
+
         // ig_last_error truncates, always NUL-terminates, and returns the full size.
         assert_status(
             ig_gate_attach_base(g, c("/x").as_ptr()),

@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod one_shot;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use intruder_gate::adapter::load_peft_dir;
@@ -90,6 +91,10 @@ struct BenchArgs {
     /// Scratch directory for generated models and caches.
     #[arg(long, default_value = "target/bench")]
     work: PathBuf,
+    /// Only the one-shot table for the MiniLM adapters: fresh `scan` processes, warm disk cache
+    /// against `--method dense --no-cache`, alternating, this many of each.
+    #[arg(long)]
+    one_shot: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -659,6 +664,17 @@ fn bench(a: BenchArgs) -> Result<ExitCode, Error> {
                 a.fixtures.join(name),
             ));
         }
+    }
+    if let Some(reps) = a.one_shot {
+        let mut rows = Vec::new();
+        for (name, base, adapter) in &configs {
+            let cache = a.work.join("one-shot-cache");
+            let row = one_shot::measure(name, base, adapter, &cache, reps)?;
+            eprint!("{}", one_shot::table(std::slice::from_ref(&row)));
+            rows.push(row);
+        }
+        println!("{}", one_shot::table(&rows));
+        return Ok(ExitCode::SUCCESS);
     }
     for &r in &a.llama_ranks {
         let (base, adapter) = bench::llama_layer(&a.work, r)?;

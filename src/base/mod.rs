@@ -175,6 +175,11 @@ impl BaseModel {
         }
     }
 
+    /// The identity of the file that holds tensor `name`.
+    pub fn identity_of(&self, name: &str) -> Option<crate::safetensors_file::FileIdentity> {
+        self.files[*self.owner.get(name)?].identity()
+    }
+
     /// See [`SafetensorsFile::release`].
     pub fn release(&self, name: &str) {
         if let Some(&i) = self.owner.get(name) {

@@ -28,6 +28,7 @@ pub struct ig_report {
     /// `(module, base_tensor)` of each module as C strings, for `ig_report_module`.
     c_names: Vec<(CString, CString)>,
     json: String,
+    reason: String,
     /// The `ig_gate::id` of the gate that screened it.
     pub(crate) gate: u64,
     /// The adapter screened, for `ig_gate_clamp`; `None` when the screening failed (a `reject`
@@ -57,6 +58,7 @@ impl ig_report {
             .collect::<Result<_, Failure>>()?;
         Ok(ig_report {
             json: report.to_json(),
+            reason: report.reason(),
             adapter: adapter.filter(|_| report.error.is_none()),
             solutions,
             report,
@@ -179,6 +181,26 @@ pub unsafe extern "C" fn ig_report_json(
     ffi_try(|| {
         let r = arg(r, "report")?;
         super::text_out(&r.json, buf, cap, needed, "the JSON report")
+    })
+}
+
+/// Why the report's verdict is what it is, one line of UTF-8: the error of a report that carries
+/// one (`"<kind> error: <message>"`), else the policy rules that fired, `; `-separated (e.g.
+/// `"total_intruders = 7 ≥ 1 → reject"`), else `"no policy rule fired"`. Buffer convention as
+/// [`ig_report_json`].
+///
+/// # Safety
+/// As [`ig_report_json`].
+#[no_mangle]
+pub unsafe extern "C" fn ig_report_reason(
+    r: *const ig_report,
+    buf: *mut c_char,
+    cap: usize,
+    needed: *mut usize,
+) -> ig_status {
+    ffi_try(|| {
+        let r = arg(r, "report")?;
+        super::text_out(&r.reason, buf, cap, needed, "the reason")
     })
 }
 

@@ -136,13 +136,14 @@ impl Gate {
         Ok((t.rows, t.cols, t.to_f32()))
     }
 
-    /// The cache key of a base tensor, fingerprinted once per gate (the base does not change
-    /// while it is attached).
-    pub(super) fn key(&self, name: &str, w0: &TensorRef<'_>) -> Key {
+    /// The cache key of a base tensor, found once per gate (the base does not change while it
+    /// is attached).
+    pub(super) fn key(&self, base: &BaseSet, name: &str, w0: &TensorRef<'_>) -> Key {
         if let Some(k) = self.keys.lock().get(name) {
             return *k;
         }
-        let k = Key::of(w0);
+        let file = base.model.as_ref().and_then(|m| m.identity_of(name));
+        let k = self.cache.key(file, name, w0);
         self.keys.lock().insert(name.to_string(), k);
         k
     }

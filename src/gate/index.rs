@@ -55,6 +55,7 @@ impl Gate {
                 })
                 .collect()
         });
+        self.cache.save_fingerprints();
         let sources = sources?;
         let count = |s: Source| sources.iter().filter(|&&x| x == s).count();
         Ok(IndexSummary {

@@ -328,7 +328,7 @@ impl Gate {
         name: &str,
         w0: &TensorRef<'_>,
     ) -> Result<Fetched> {
-        let key = self.key(name, w0);
+        let key = self.key(base, name, w0);
         let started = Instant::now();
         let computed = self.cache.get_or_compute(&key, w0, || {
             check_base_values(name, w0, &self.config.limits)?;

@@ -181,6 +181,7 @@ impl Gate {
         let results: Vec<Result<ModuleRun>> = self
             .pool
             .install(|| jobs.par_iter().map(|j| self.run(j, keep)).collect());
+        self.cache.save_fingerprints();
         let mut modules = Vec::with_capacity(results.len());
         let mut solutions = Solutions::new();
         for r in results {
