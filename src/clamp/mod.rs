@@ -179,6 +179,7 @@ impl ClampedAdapter {
                     alpha: rank as f64 * ClampedModule::SCALE,
                     scale: ClampedModule::SCALE,
                     dtype,
+                    magnitude: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -285,6 +286,8 @@ pub fn clamp(
     opts: &ClampOptions,
 ) -> Result<ClampedAdapter> {
     opts.validate()?;
+    // Before anything else: the refusal names DoRA, not a symptom of it.
+    crate::gate::refuse_dora(adapter)?;
     let targets = targets(adapter, report, opts.target)?;
     let k = gate.config().top_k;
     let solved = gate.solve_modules(adapter, &|_: &str| k + 1)?;

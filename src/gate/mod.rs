@@ -15,7 +15,7 @@ mod progress;
 mod screen;
 mod tuned;
 
-pub(crate) use module::Solved;
+pub(crate) use module::{refuse_dora, Solved};
 pub use progress::{IndexProgress, IndexSummary};
 
 use crate::backend::{self, Backend, BackendKind};
