@@ -3,7 +3,9 @@
 //! of `W0` and `W'`, then `max |U'ᵀ U0|`), implemented here with the same SVD library;
 //! `brand-cold` includes computing the base spectra; `brand-warm` finds them cached in memory
 //! (a long-lived gate) or on disk (a gate without a memory cache), median of `WARM_SAMPLES`
-//! screenings per repetition. Speed lives here, never in unit tests.
+//! screenings per repetition. With `--tuned`, the same columns for `scan --tuned`: `dense` on
+//! every changed matrix against `auto` (unchanged / merged LoRA / randomized). Speed lives here,
+//! never in unit tests.
 
 use intruder_gate::adapter::{self, Adapter};
 use intruder_gate::backend::BackendChoice;
