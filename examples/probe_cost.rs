@@ -34,9 +34,9 @@ fn main() {
         let spectrum = Spectrum {
             rows: m,
             cols: n,
-            u,
+            u: u.into(),
             s,
-            v,
+            v: v.into(),
         };
         for dtype in [DType::BF16, DType::F32] {
             let bytes = encode(&w, dtype);

@@ -11,6 +11,7 @@ pub mod clamp;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod floats;
 pub mod gate;
 pub mod limits;
 pub mod metrics;

@@ -3,6 +3,7 @@
 
 use crate::bail;
 use crate::error::{Error, ErrorKind, Result};
+use crate::floats::Floats;
 use crate::limits::Limits;
 use crate::tensor::{DType, TensorRef};
 use memmap2::Mmap;
@@ -27,10 +28,12 @@ pub struct TensorInfo {
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    // Shared so that f32 tensors can be used in place beyond the file's lifetime.
+    mmap: std::sync::Arc<Mmap>,
     tensors: BTreeMap<String, TensorInfo>,
     metadata: BTreeMap<String, String>,
     data_offset: usize,
+    owner_only: bool,
 }
 
 #[derive(Deserialize)]
@@ -110,10 +113,11 @@ impl SafetensorsFile {
         }
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            mmap,
+            mmap: mmap.into(),
             tensors,
             metadata,
             data_offset,
+            owner_only: writable_only_by_us(&file),
         })
     }
 
@@ -123,6 +127,12 @@ impl SafetensorsFile {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
+    }
+
+    /// Whether the opened file is owned by this process's effective user and writable by no
+    /// one else (unix; false elsewhere).
+    pub fn writable_only_by_us(&self) -> bool {
+        self.owner_only
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
@@ -155,6 +165,16 @@ impl SafetensorsFile {
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
         let info = self.tensors.get(name)?;
         Some(&self.mmap[self.data_offset + info.start..self.data_offset + info.end])
+    }
+
+    /// An F32 tensor's values in place (they stay valid after this file is dropped); None for
+    /// another dtype, or when they cannot be used in place (see [`Floats::mapped`]).
+    pub fn floats(&self, name: &str) -> Option<Floats> {
+        let info = self.tensors.get(name)?;
+        let start = self.data_offset + info.start;
+        (info.dtype == Some(DType::F32))
+            .then(|| Floats::mapped(&self.mmap, start..self.data_offset + info.end))
+            .flatten()
     }
 
     /// 2-D float tensor as TensorRef; clear Shape/Unsupported error otherwise.
@@ -310,6 +330,27 @@ fn check_layout(tensors: &BTreeMap<String, TensorInfo>, data_len: usize) -> Resu
         );
     }
     Ok(())
+}
+
+/// Whether `meta` is owned by this process's effective user and neither group- nor
+/// other-writable (unix; false elsewhere).
+pub fn owned_and_private(meta: &std::fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        meta.uid() == euid && meta.mode() & 0o022 == 0
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        false
+    }
+}
+
+fn writable_only_by_us(file: &File) -> bool {
+    file.metadata().is_ok_and(|m| owned_and_private(&m))
 }
 
 /// Opens `path` for reading when it is a regular file (symlinks followed) and returns it with

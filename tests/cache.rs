@@ -291,7 +291,10 @@ fn entry(path: &Path) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 /// their base tensor — the SVD of the adapted weight W' itself (which makes every direction of W'
 /// look like a base direction, hiding the intruders), a non-orthonormal U0 with Σ0 compensating
 /// (same product), two singular vectors swapped — are each caught by the probe, rebuilt, counted
-/// and reported; genuine entries, f32 and f16, pass it.
+/// and reported; genuine entries, f32 and f16, pass it. The probe runs on entries others could
+/// have written: here the cache directory is group-writable. In a directory only this user can
+/// write, entries are this user's own and are not probed; a forged one is then used, which
+/// marks the boundary (and a group-writable entry file is probed again).
 #[test]
 fn forged_cache_entries_fail_the_probe_and_are_rebuilt() {
     use intruder_gate::adapter::load_peft_dir;
@@ -304,6 +307,7 @@ fn forged_cache_entries_fail_the_probe_and_are_rebuilt() {
     let p = setup(dir.path(), 21);
     for dtype in [CacheDType::F32, CacheDType::F16] {
         let cache = tempfile::tempdir().unwrap();
+        set_mode(cache.path(), 0o770);
         let g = gate(Some(cache.path()), Method::Brand, dtype);
         g.attach_base(&p.base).unwrap();
         let clean = g.screen_adapter_dir(&p.adapter).unwrap();
@@ -323,6 +327,7 @@ fn forged_cache_entries_fail_the_probe_and_are_rebuilt() {
     }
 
     let cache = tempfile::tempdir().unwrap();
+    set_mode(cache.path(), 0o770);
     let g = gate(Some(cache.path()), Method::Brand, CacheDType::F32);
     g.attach_base(&p.base).unwrap();
     let clean = g.screen_adapter_dir(&p.adapter).unwrap();
@@ -350,7 +355,7 @@ fn forged_cache_entries_fail_the_probe_and_are_rebuilt() {
                 }
             }
             let s = CpuBackend.thin_svd(&w, w0.rows, w0.cols).unwrap();
-            (s.u, s.s, s.v)
+            (s.u.to_vec(), s.s, s.v.to_vec())
         }),
         ("not orthonormal", &|t: &str, _| {
             let (mut u, mut s, v) = entry(&path_of(t));
@@ -392,6 +397,40 @@ fn forged_cache_entries_fail_the_probe_and_are_rebuilt() {
             "{metrics}"
         );
     }
+
+    // The trust boundary: forged entries in a private directory are used as they are; one
+    // group-writable entry file among them is probed and rebuilt.
+    let screen = || {
+        let g = gate(Some(cache.path()), Method::Brand, CacheDType::F32);
+        g.attach_base(&p.base).unwrap();
+        g.screen_adapter_dir(&p.adapter).unwrap()
+    };
+    let forge_all = || {
+        for (i, m) in clean.modules.iter().enumerate() {
+            let (u, s, v) = forgeries[0].1(&m.base_tensor, i);
+            forge(&path_of(&m.base_tensor), &u, &s, &v);
+        }
+    };
+    set_mode(cache.path(), 0o700);
+    forge_all();
+    assert_eq!(
+        sources(&screen()),
+        ["disk_hit"; 3],
+        "a private directory is trusted"
+    );
+    forge_all();
+    set_mode(&path_of(&clean.modules[0].base_tensor), 0o664);
+    let r = screen();
+    assert_eq!(
+        sources(&r),
+        ["rebuilt_corrupt", "disk_hit", "disk_hit"],
+        "a group-writable entry is probed"
+    );
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// A process killed while writing an entry leaves `.<entry>.<pid>.<seq>.tmp` behind (issue 15);

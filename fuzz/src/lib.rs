@@ -24,6 +24,8 @@ pub fn limits() -> Limits {
         max_config_bytes: 16 << 10,
         max_rank: 64,
         max_dim: 256,
+        // The default: the range-safety limit is about the maths, not the input size.
+        ..Limits::default()
     }
 }
 

@@ -6,18 +6,20 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::Result;
+use crate::floats::Floats;
 use crate::tensor::TensorRef;
 use std::sync::Arc;
 
 /// Thin SVD `W = U Σ Vᵀ` of a rows×cols matrix, ρ = min(rows, cols). Singular vectors are stored as
-/// rows: `u` is ρ×rows row-major (row i is u_i), `v` is ρ×cols row-major, `s` descending.
+/// rows: `u` is ρ×rows row-major (row i is u_i), `v` is ρ×cols row-major, `s` descending. The
+/// vectors are shared (cloning is cheap) and, read from the disk cache, used in place.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spectrum {
     pub rows: usize,
     pub cols: usize,
-    pub u: Vec<f32>,
+    pub u: Floats,
     pub s: Vec<f32>,
-    pub v: Vec<f32>,
+    pub v: Floats,
 }
 
 impl Spectrum {

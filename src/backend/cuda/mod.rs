@@ -134,9 +134,9 @@ impl CudaBackend {
             return Ok(Spectrum {
                 rows,
                 cols,
-                u: Vec::new(),
+                u: Vec::new().into(),
                 s: Vec::new(),
-                v: Vec::new(),
+                v: Vec::new().into(),
             });
         }
         if w.iter().any(|x| !x.is_finite()) {

@@ -78,9 +78,9 @@ pub fn thin_svd<E: Engine>(e: &E, w: &[f32], plan: &SvdPlan) -> R<Spectrum> {
     Ok(Spectrum {
         rows: plan.rows,
         cols: plan.cols,
-        u,
+        u: u.into(),
         s: to32(sigma),
-        v,
+        v: v.into(),
     })
 }
 

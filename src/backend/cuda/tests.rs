@@ -426,7 +426,7 @@ fn device_thin_svd_rank_deficient_and_graded() {
 
 fn check_spectrum_zero(sp: &Spectrum) {
     assert!(sp.s.iter().all(|&s| s == 0.0));
-    assert!(sp.u.iter().chain(&sp.v).all(|x| x.is_finite()));
+    assert!(sp.u.iter().chain(sp.v.iter()).all(|x| x.is_finite()));
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
