@@ -23,8 +23,11 @@ pub struct Config {
     pub memory_cache_bytes: usize,
     /// Neighbouring singular values closer than this (relative) are flagged as tied.
     pub tie_tolerance: f64,
-    /// Residual tolerance of the Krylov solve, relative to σ₁.
+    /// Residual tolerance of the Krylov solve, relative to σ₁ (also the randomized solver's).
     pub krylov_tolerance: f64,
+    /// Seed of the randomized solver's Gaussian sketches (`--tuned` and DoRA): the same input
+    /// and seed give the same report. Reported when the randomized solver ran.
+    pub seed: u64,
     /// Worker threads for screening modules concurrently (0 = one per core; at most
     /// [`crate::limits::max_threads`], four per core).
     pub threads: usize,
@@ -49,6 +52,7 @@ impl Default for Config {
             // Matches the fixtures' note: below ~0.1 % the individual vectors are ill-defined.
             tie_tolerance: 1e-3,
             krylov_tolerance: 1e-9,
+            seed: crate::spectrum::randomized::DEFAULT_SEED,
             threads: 0,
             gpu_memory_bytes: None,
             limits: Limits::default(),

@@ -19,6 +19,10 @@ pub enum Method {
     Brand,
     /// Thin SVD of `W'` and `W0` in f64: the reference.
     Dense,
+    /// Whatever is exact and fastest per matrix against the cached base spectrum: the Brand
+    /// update for LoRA modules; the randomized solver for DoRA modules; for `--tuned`,
+    /// unchanged / merged LoRA (low-rank ΔW, Brand) / randomized top-k of `W'`.
+    Auto,
 }
 
 impl Method {
@@ -26,6 +30,7 @@ impl Method {
         match self {
             Method::Brand => "brand",
             Method::Dense => "dense",
+            Method::Auto => "auto",
         }
     }
 }
@@ -55,9 +60,23 @@ pub struct ModuleReport {
     pub near_epsilon: Vec<usize>,
     /// How the triplets were found: "davidson" (iterative, residual-checked), "dense-core"
     /// (exact SVD of the small Brand core, chosen when r is large relative to min(out, in)),
-    /// "dense-core-fallback" (the iterative solve did not converge within its budget), or
-    /// "dense" (the reference method).
+    /// "dense-core-fallback" (the iterative solve did not converge within its budget),
+    /// "dense" (the reference method), "merged-lora" (`--tuned`: ΔW = W' − W0 has low rank,
+    /// factored and solved by the Brand update), "randomized" (sketch + block Krylov,
+    /// residual-checked), "randomized-dense-small" / "randomized-dense-fallback" (a dense f64
+    /// SVD: the matrix was too small for a sketch / the Krylov basis hit its cap).
     pub solver: Solver,
+    /// "merged-lora": the rank found for ΔW.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detected_rank: Option<usize>,
+    /// "merged-lora": `‖ΔW − L·Rᵀ‖_F / ‖ΔW‖_F` of the factorisation screened (below the
+    /// rounding of the stored dtype).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low_rank_residual: Option<f64>,
+    /// Randomized solver: the worst of `‖W'v − σu‖`, `‖W'ᵀu − σv‖` over the returned triplets,
+    /// relative to σ₁ (at most the Krylov tolerance unless a dense fallback ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residual: Option<f64>,
     /// Where the base spectrum came from: "memory_hit", "disk_hit", "computed",
     /// "rebuilt_corrupt", or "none" (dense method).
     #[serde(serialize_with = "base_spectrum_label")]
@@ -138,6 +157,12 @@ pub struct Report {
     pub modules: Vec<ModuleReport>,
     pub timings_ms: BTreeMap<String, f64>,
     pub warnings: Vec<String>,
+    /// The randomized solver's sketch seed, when any module used it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// `--tuned`: matrices byte-identical to the base (not screened, not in `modules`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unchanged: Vec<String>,
 }
 
 /// A validation error carried by a `reject` report.
@@ -197,8 +222,14 @@ impl Report {
             if !m.near_epsilon.is_empty() {
                 flags.push(format!("near-eps{:?}", m.near_epsilon));
             }
-            if m.solver == Solver::DenseCoreFallback {
+            if matches!(
+                m.solver,
+                Solver::DenseCoreFallback | Solver::RandomizedDenseFallback
+            ) {
                 flags.push("dense-fallback".into());
+            }
+            if let Some(r) = m.detected_rank {
+                flags.push(format!("merged-lora(r={r})"));
             }
             s += &format!(
                 "{:<60} {:>11} {:>5} {:>9} {:>12.4}  {}\n",
@@ -208,6 +239,12 @@ impl Report {
                 m.intruders.len(),
                 m.min_max_cos(),
                 flags.join(" ")
+            );
+        }
+        if !self.unchanged.is_empty() {
+            s += &format!(
+                "{} matrices unchanged from the base\n",
+                self.unchanged.len()
             );
         }
         s += &format!(

@@ -394,25 +394,45 @@ fn oversized_config_is_refused_before_reading() {
 }
 
 #[test]
-fn dora_is_refused_by_tensor_and_by_config() {
+fn dora_loads_its_magnitudes_and_refuses_half_a_dora_adapter() {
+    let dora_cfg = r#"{"r": 2, "lora_alpha": 4, "use_dora": true}"#;
     let mut tensors = pair("layer.q", 2, 3, 4).to_vec();
     tensors.push(t(
         "base_model.model.layer.q.lora_magnitude_vector",
         &[4],
         &ramp(4),
     ));
+    let dir = peft_dir(dora_cfg, &tensors);
+    let a = load_peft_dir(dir.path(), &limits()).unwrap();
+    assert_eq!(a.modules[0].magnitude.as_deref(), Some(&ramp(4)[..]));
+    // A magnitude vector without use_dora, use_dora without one, and one of the wrong length
+    // (refused from the header, before the weights are read).
     let dir = peft_dir(LORA_CONFIG, &tensors);
     assert_err(
         load_peft_dir(dir.path(), &limits()),
-        ErrorKind::Unsupported,
-        &["DoRA adapters are not supported: module layer.q has lora_magnitude_vector"],
+        ErrorKind::Format,
+        &[
+            "module layer.q has a lora_magnitude_vector (DoRA)",
+            "use_dora",
+        ],
     );
-    let cfg = r#"{"r": 2, "lora_alpha": 4, "use_dora": true}"#;
-    let dir = peft_dir(cfg, &pair("layer.q", 2, 3, 4));
+    let dir = peft_dir(dora_cfg, &pair("layer.q", 2, 3, 4));
     assert_err(
         load_peft_dir(dir.path(), &limits()),
-        ErrorKind::Unsupported,
-        &["DoRA", "use_dora"],
+        ErrorKind::Format,
+        &["use_dora (DoRA)", "layer.q has no lora_magnitude_vector"],
+    );
+    let mut short = pair("layer.q", 2, 3, 4).to_vec();
+    short.push(t(
+        "base_model.model.layer.q.lora_magnitude_vector",
+        &[3],
+        &ramp(3),
+    ));
+    let dir = peft_dir(dora_cfg, &short);
+    assert_err(
+        intruder_gate::adapter::PeftDir::open(dir.path(), &limits()).map(|_| ()),
+        ErrorKind::Shape,
+        &["lora_magnitude_vector", "out_features = 4"],
     );
 }
 
@@ -488,6 +508,7 @@ fn module(name: &str, rank: usize) -> LoraModule {
         alpha: 2.0,
         scale: 1.0,
         dtype: DType::F32,
+        magnitude: None,
     }
 }
 

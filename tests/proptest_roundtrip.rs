@@ -134,6 +134,7 @@ fn module() -> impl Strategy<Value = LoraModule> {
                 alpha,
                 scale: alpha / rank as f64,
                 dtype,
+                magnitude: None,
             },
         )
 }

@@ -3,14 +3,18 @@
 //! of `W0` and `W'`, then `max |U'ᵀ U0|`), implemented here with the same SVD library;
 //! `brand-cold` includes computing the base spectra; `brand-warm` finds them cached in memory
 //! (a long-lived gate) or on disk (a gate without a memory cache), median of `WARM_SAMPLES`
-//! screenings per repetition. Speed lives here, never in unit tests.
+//! screenings per repetition. With `--tuned`, the same columns for `scan --tuned`: `dense` on
+//! every changed matrix against `auto` (unchanged / merged LoRA / randomized). Speed lives here,
+//! never in unit tests.
 
 use intruder_gate::adapter::{self, Adapter};
 use intruder_gate::backend::BackendChoice;
 use intruder_gate::base::{mapping, BaseModel};
 use intruder_gate::error::Result;
-use intruder_gate::report::Report;
+use intruder_gate::report::{Method, Report};
+use intruder_gate::safetensors_file;
 use intruder_gate::spectrum::dense;
+use intruder_gate::tensor::{encode, DType};
 use intruder_gate::{Config, Gate};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -42,6 +46,25 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
     Ok((t.elapsed().as_secs_f64(), x))
 }
 
+/// The paper/PEFT method on one matrix: f32 SVDs of `W0` and `W'`; the intruder indices.
+fn dense_f32_pair(
+    w0: &[f32],
+    w1: &[f32],
+    out: usize,
+    inn: usize,
+    k: usize,
+    epsilon: f64,
+) -> Result<Vec<usize>> {
+    let d = dense::compare(
+        faer::MatRef::from_row_major_slice(w0, out, inn),
+        faer::MatRef::from_row_major_slice(w1, out, inn),
+        k,
+    )?;
+    Ok((0..d.max_cos.len())
+        .filter(|&j| d.max_cos[j] < epsilon)
+        .collect())
+}
+
 /// The paper/PEFT method on every module: f32 SVDs of `W0` and `W'`. Returns intruder indices.
 fn dense_f32(
     base: &BaseModel,
@@ -61,17 +84,10 @@ fn dense_f32(
             let w = w0.to_f32();
             let delta = faer::MatRef::from_row_major_slice(&m.b, out, m.rank)
                 * faer::MatRef::from_row_major_slice(&m.a, m.rank, inn);
-            let w1 = faer::Mat::<f32>::from_fn(out, inn, |i, j| {
-                w[i * inn + j] + m.scale as f32 * delta[(i, j)]
-            });
-            let d = dense::compare(
-                faer::MatRef::from_row_major_slice(&w, out, inn),
-                w1.as_ref(),
-                k,
-            )?;
-            Ok((0..d.max_cos.len())
-                .filter(|&j| d.max_cos[j] < epsilon)
-                .collect())
+            let w1: Vec<f32> = (0..out * inn)
+                .map(|t| w[t] + m.scale as f32 * delta[(t / inn, t % inn)])
+                .collect();
+            dense_f32_pair(&w, &w1, out, inn, k, epsilon)
         })
         .collect()
 }
@@ -81,6 +97,8 @@ fn gate(cache: Option<&Path>, memory: bool) -> Result<Gate> {
         cache_dir: cache.map(Path::to_path_buf),
         memory_cache_bytes: if memory { 8 << 30 } else { 0 },
         backend: BackendChoice::Cpu,
+        // Adapters: the Brand update; `--tuned`: unchanged / merged LoRA / randomized.
+        method: Method::Auto,
         ..Config::default()
     })
 }
@@ -96,15 +114,16 @@ fn agree(dense: &[Vec<usize>], brand: &Report) -> bool {
 /// Peak RSS (MiB) of `intruder-gate scan` run as a child on the warm disk cache. The child
 /// reports its own high-water mark (`VmHWM`): a parent's `getrusage(RUSAGE_CHILDREN)` would
 /// count the parent's pages shared at fork time.
-fn warm_scan_rss(base: &Path, adapter: &Path, cache: &Path, scratch: &Path) -> Result<f64> {
+/// `subject` is `("--adapter", dir)` or `("--tuned", checkpoint)`.
+fn warm_scan_rss(base: &Path, subject: (&str, &Path), cache: &Path, scratch: &Path) -> Result<f64> {
     let exe = std::env::current_exe()
         .map_err(|e| intruder_gate::Error::io(Path::new("current_exe"), e))?;
     let report = scratch.join("peak-rss.txt");
     let status = std::process::Command::new(exe)
         .args(["scan", "--backend", "cpu", "--format", "json", "--base"])
         .arg(base)
-        .arg("--adapter")
-        .arg(adapter)
+        .arg(subject.0)
+        .arg(subject.1)
         .arg("--cache-dir")
         .arg(cache)
         .env(PEAK_RSS_ENV, &report)
@@ -189,7 +208,12 @@ pub fn measure(
         }
     }
     let report = report.expect("at least one repetition");
-    let rss = warm_scan_rss(base_path, adapter_path, &cache_root.join("0"), scratch)?;
+    let rss = warm_scan_rss(
+        base_path,
+        ("--adapter", adapter_path),
+        &cache_root.join("0"),
+        scratch,
+    )?;
     let _ = std::fs::remove_dir_all(&cache_root);
     Ok(Row {
         name: name.to_string(),
@@ -205,10 +229,114 @@ pub fn measure(
     })
 }
 
+/// Times `scan --tuned` (`auto`) on one base + checkpoint against the paper/PEFT method (f32 SVDs
+/// of `W0` and `W'` for every changed matrix). The row's brand columns hold `auto`'s times.
+pub fn measure_tuned(
+    name: &str,
+    base_path: &Path,
+    tuned_path: &Path,
+    scratch: &Path,
+    reps: usize,
+    dense_reps: usize,
+) -> Result<Row> {
+    let base = BaseModel::open(base_path, &Default::default())?;
+    let tuned = BaseModel::open(tuned_path, &Default::default())?;
+    let changed: Vec<String> = tuned
+        .matrix_names()
+        .into_iter()
+        .filter(|n| match (base.matrix(n), tuned.matrix(n)) {
+            (Ok(b), Ok(t)) => (b.rows, b.cols) == (t.rows, t.cols) && b.bytes != t.bytes,
+            _ => false,
+        })
+        .collect();
+    let mut dense_times = Vec::new();
+    let mut dense_intruders = Vec::new();
+    for _ in 0..dense_reps.max(1) {
+        let (t, d) = timed(|| {
+            changed
+                .iter()
+                .map(|n| {
+                    let (b, t) = (base.matrix(n)?, tuned.matrix(n)?);
+                    dense_f32_pair(&b.to_f32(), &t.to_f32(), b.rows, b.cols, 10, 0.5)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        dense_times.push(t);
+        dense_intruders = d;
+    }
+    drop((base, tuned));
+    let (mut cold, mut warm_mem, mut warm_disk) = (Vec::new(), Vec::new(), Vec::new());
+    let mut report = None;
+    let cache_root = scratch.join(format!("bench-cache-{}", name.replace(' ', "_")));
+    for rep in 0..reps.max(1) {
+        let cache = cache_root.join(rep.to_string());
+        let _ = std::fs::remove_dir_all(&cache);
+        let g = gate(Some(&cache), true)?;
+        g.attach_base(base_path)?;
+        cold.push(timed(|| g.screen_tuned(tuned_path))?.0);
+        for _ in 0..WARM_SAMPLES {
+            let (t, r) = timed(|| g.screen_tuned(tuned_path))?;
+            warm_mem.push(t);
+            report = Some(r);
+        }
+        // No memory cache: every screening of this gate reads the spectra from disk.
+        let fresh = gate(Some(&cache), false)?;
+        fresh.attach_base(base_path)?;
+        for _ in 0..WARM_SAMPLES {
+            warm_disk.push(timed(|| fresh.screen_tuned(tuned_path))?.0);
+        }
+    }
+    let report: Report = report.expect("at least one repetition");
+    let rss = warm_scan_rss(
+        base_path,
+        ("--tuned", tuned_path),
+        &cache_root.join("0"),
+        scratch,
+    )?;
+    let _ = std::fs::remove_dir_all(&cache_root);
+    let agree = changed.iter().zip(&dense_intruders).all(|(n, d)| {
+        report
+            .modules
+            .iter()
+            .find(|m| &m.base_tensor == n)
+            .is_some_and(|b| {
+                (0..b.max_cos.len())
+                    .filter(|j| !b.tied.contains(j) && !b.near_epsilon.contains(j))
+                    .all(|j| d.contains(&j) == b.intruders.contains(&j))
+            })
+    });
+    let solvers: Vec<String> = report
+        .modules
+        .iter()
+        .map(|m| match m.detected_rank {
+            Some(r) => format!("{}(r={r})", m.solver.label()),
+            None => m.solver.label().to_string(),
+        })
+        .collect();
+    eprintln!("{name}: solvers {solvers:?}, seed {:?}", report.seed);
+    Ok(Row {
+        name: name.to_string(),
+        modules: changed.len(),
+        dense: median(dense_times),
+        brand_cold: median(cold),
+        brand_warm_memory: median(warm_mem),
+        brand_warm_disk: median(warm_disk),
+        warm_scan_peak_rss_mib: rss,
+        dense_intruders: dense_intruders.iter().map(Vec::len).sum(),
+        brand_intruders: report.total_intruders,
+        verdicts_agree: agree && report.modules.len() == changed.len(),
+    })
+}
+
 /// The Markdown table the README shows.
 pub fn table(rows: &[Row]) -> String {
-    let mut s = String::from(
-        "| configuration | modules | dense | brand-cold | brand-warm (memory) | brand-warm (disk) | dense / warm (memory) | dense / warm (disk) | dense / cold | warm scan peak RSS | intruders dense / brand | verdicts |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    table_for(rows, "brand")
+}
+
+/// [`table`] with the fast method's columns named `fast` ("brand", or "auto" for `--tuned`).
+pub fn table_for(rows: &[Row], fast: &str) -> String {
+    let mut s = format!(
+        "| configuration | modules | dense | {fast}-cold | {fast}-warm (memory) | {fast}-warm (disk) | dense / warm (memory) | dense / warm (disk) | dense / cold | warm scan peak RSS | intruders dense / {fast} | verdicts |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let t = seconds;
     for r in rows {
@@ -232,18 +360,78 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// `W0 + s·B·A` for every module of `adapter_dir`, every other base tensor copied: a merged
+/// checkpoint, written once under `dir` as one safetensors file in `dtype`.
+pub fn merged_checkpoint(
+    dir: &Path,
+    name: &str,
+    base_path: &Path,
+    adapter_dir: &Path,
+    dtype: DType,
+) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.safetensors"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let base = BaseModel::open(base_path, &Default::default())?;
+    let adapter = adapter::load_peft_dir(adapter_dir, &Default::default())?;
+    let names: Vec<&str> = adapter.modules.iter().map(|m| m.name.as_str()).collect();
+    let targets = mapping::map_modules(&names, &base.matrix_names())?;
+    let mut tensors = Vec::new();
+    for n in base.matrix_names() {
+        let t = base.matrix(&n)?;
+        let mut w = t.to_f32();
+        if let Some(i) = targets.iter().position(|x| *x == n) {
+            let m = &adapter.modules[i];
+            let delta = faer::MatRef::from_row_major_slice(&m.b, t.rows, m.rank)
+                * faer::MatRef::from_row_major_slice(&m.a, m.rank, t.cols);
+            for (k, x) in w.iter_mut().enumerate() {
+                *x += m.scale as f32 * delta[(k / t.cols, k % t.cols)];
+            }
+        }
+        tensors.push((n, dtype, vec![t.rows, t.cols], encode(&w, dtype)));
+    }
+    safetensors_file::write(&path, &tensors, &Default::default())?;
+    Ok(path)
+}
+
+/// A full-fine-tune-like checkpoint of the synthetic Llama layer: each matrix plus a dense
+/// perturbation with a decaying spectrum (a Gaussian bulk with power-law column scales, a
+/// quarter of the base's) and four strong new directions (`synth::llm_like_matrix`'s outliers),
+/// bf16, written once under `dir`.
+pub fn llama_full_finetune(dir: &Path, base_path: &Path) -> Result<PathBuf> {
+    let path = dir.join("llama-layer-full-ft.safetensors");
+    if path.exists() {
+        return Ok(path);
+    }
+    let base = BaseModel::open(base_path, &Default::default())?;
+    let mut tensors = Vec::new();
+    for (i, n) in base.matrix_names().into_iter().enumerate() {
+        let t = base.matrix(&n)?;
+        let delta =
+            intruder_gate_testkit::synth::llm_like_matrix(0xF00D + i as u64, t.rows, t.cols);
+        let w: Vec<f32> = t
+            .to_f32()
+            .iter()
+            .zip(&delta)
+            .map(|(w, d)| w + 0.25 * d)
+            .collect();
+        tensors.push((
+            n,
+            DType::BF16,
+            vec![t.rows, t.cols],
+            encode(&w, DType::BF16),
+        ));
+    }
+    safetensors_file::write(&path, &tensors, &Default::default())?;
+    Ok(path)
+}
+
 /// The synthetic Llama layer of the benchmark, written once under `dir`.
 pub fn llama_layer(dir: &Path, rank: usize) -> Result<(PathBuf, PathBuf)> {
     let base = dir.join("llama-layer-base");
     if !base.join("model.safetensors.index.json").exists() {
-        intruder_gate_testkit::synth::write_llama_base(
-            &base,
-            1,
-            4096,
-            11008,
-            intruder_gate::tensor::DType::BF16,
-            7,
-        )?;
+        intruder_gate_testkit::synth::write_llama_base(&base, 1, 4096, 11008, DType::BF16, 7)?;
     }
     let adapter = dir.join(format!("llama-layer-r{rank}"));
     intruder_gate_testkit::synth::write_llama_adapter(&adapter, &[0], 4096, 11008, rank, 2, 8)?;

@@ -79,6 +79,14 @@ struct BenchArgs {
     /// Also bench one synthetic Llama-7B layer (q,k,v,o 4096², gate/up 11008×4096, down 4096×11008) at these ranks.
     #[arg(long, value_delimiter = ',')]
     llama_ranks: Vec<usize>,
+    /// Also bench `scan --tuned` (auto vs dense): with --minilm, the lora_r16_qv fixture merged
+    /// into MiniLM; with --tuned-llama, checkpoints of the synthetic Llama layer.
+    #[arg(long)]
+    tuned: bool,
+    /// With --tuned: also the Llama layer with the r = 16 adapter merged, and a
+    /// full-fine-tune-like perturbation of it (dense: tens of minutes per repetition).
+    #[arg(long, requires = "tuned")]
+    tuned_llama: bool,
     /// Repetitions of the Brand runs: one cold and five warm screenings each (medians are reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
@@ -211,12 +219,17 @@ struct ScanArgs {
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long, required_unless_present = "tuned", conflicts_with = "tuned")]
     adapter: Option<PathBuf>,
-    /// A fully fine-tuned model to compare with the base (dense method).
+    /// A fully fine-tuned or merged checkpoint to compare with the base.
     #[arg(long)]
     tuned: Option<PathBuf>,
-    /// How the spectrum of the adapted weight is found.
-    #[arg(long, value_enum, default_value = "brand")]
-    method: MethodArg,
+    /// How the spectrum of the adapted weight is found: `brand` (adapters' default; DoRA modules
+    /// use the randomized solver), `auto` (`--tuned`'s default: unchanged / merged LoRA by the
+    /// Brand update / randomized top-k of W'), or `dense` (f64 SVDs of W0 and W': the reference).
+    #[arg(long, value_enum)]
+    method: Option<MethodArg>,
+    /// Seed of the randomized solver's Gaussian sketches (reported as `seed`).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Report format on stdout.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
@@ -254,6 +267,8 @@ enum MethodArg {
     Brand,
     /// Thin SVD of the base and the adapted weight in f64: the slow reference.
     Dense,
+    /// Per matrix, whatever is exact and fastest against the cached base spectrum.
+    Auto,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -336,10 +351,14 @@ fn scan(a: ScanArgs) -> Result<ExitCode, Error> {
         top_k: a.screening.top_k,
         epsilon: a.screening.epsilon,
         policy,
-        method: match a.method {
-            MethodArg::Brand => Method::Brand,
-            MethodArg::Dense => Method::Dense,
+        method: match (a.method, a.tuned.is_some()) {
+            (Some(MethodArg::Brand), _) | (None, false) => Method::Brand,
+            (Some(MethodArg::Dense), _) => Method::Dense,
+            (Some(MethodArg::Auto), _) | (None, true) => Method::Auto,
         },
+        seed: a
+            .seed
+            .unwrap_or(intruder_gate::spectrum::randomized::DEFAULT_SEED),
         ..config(&a.common)
     };
     let gate = Gate::new(cfg)?;
@@ -691,10 +710,56 @@ fn bench(a: BenchArgs) -> Result<ExitCode, Error> {
             clamp_rows.push(row);
         }
     }
+    let mut tuned_rows = Vec::new();
+    if a.tuned {
+        let mut tuned = Vec::new();
+        if let Some(base) = &a.minilm {
+            let merged = bench::merged_checkpoint(
+                &a.work,
+                "minilm-merged-lora_r16_qv",
+                base,
+                &a.fixtures.join("lora_r16_qv"),
+                DType::F32,
+            )?;
+            tuned.push((
+                "MiniLM lora_r16_qv merged (f32)".to_string(),
+                base.clone(),
+                merged,
+            ));
+        }
+        if a.tuned_llama {
+            let (base, adapter) = bench::llama_layer(&a.work, 16)?;
+            let merged = bench::merged_checkpoint(
+                &a.work,
+                "llama-layer-merged-r16",
+                &base,
+                &adapter,
+                DType::BF16,
+            )?;
+            tuned.push((
+                "Llama-7B layer merged r=16 (bf16)".to_string(),
+                base.clone(),
+                merged,
+            ));
+            let ft = bench::llama_full_finetune(&a.work, &base)?;
+            tuned.push(("Llama-7B layer full-FT-like (bf16)".to_string(), base, ft));
+        }
+        for (name, base, t) in &tuned {
+            let row = bench::measure_tuned(name, base, t, &a.work, a.reps, a.dense_reps)?;
+            eprint!("{}", bench::table_for(std::slice::from_ref(&row), "auto"));
+            tuned_rows.push(row);
+        }
+    }
     let threads = rayon::current_num_threads();
     println!("{threads} threads\n\n{}", bench::table(&rows));
     if !a.no_clamp {
         println!("\n{}", bench::clamp_table(&clamp_rows));
+    }
+    if !tuned_rows.is_empty() {
+        println!(
+            "\n`scan --tuned`:\n\n{}",
+            bench::table_for(&tuned_rows, "auto")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

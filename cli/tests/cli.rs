@@ -233,28 +233,176 @@ fn demo_runs_and_finds_the_planted_intruders() {
 }
 
 #[test]
-fn tuned_model_comparison_uses_the_dense_method() {
+fn tuned_model_comparison_lists_unchanged_matrices_and_dense_stays_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let p = planted_in(dir.path(), 0);
     // A "fully fine-tuned" copy: the base itself, so every top vector is a base vector.
-    let out = cli()
-        .args(["scan", "--no-cache", "--format", "json"])
-        .arg("--base")
-        .arg(&p.base)
-        .arg("--tuned")
-        .arg(&p.base)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = |extra: &[&str]| {
+        let out = cli()
+            .args(["scan", "--no-cache", "--format", "json"])
+            .args(extra)
+            .arg("--base")
+            .arg(&p.base)
+            .arg("--tuned")
+            .arg(&p.base)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // auto (the default): byte-identical matrices are unchanged, no maths.
+    let v = run(&[]);
+    assert_eq!(v["method"], "auto");
+    assert_eq!(v["total_intruders"], 0);
+    assert_eq!(v["modules"].as_array().unwrap().len(), 0);
+    assert_eq!(v["unchanged"].as_array().unwrap().len(), 2);
+    assert!(v["tuned"].is_string());
+    let v = run(&["--method", "dense"]);
     assert_eq!(v["method"], "dense");
     assert_eq!(v["total_intruders"], 0);
     assert_eq!(v["modules"].as_array().unwrap().len(), 2);
-    assert!(v["tuned"].is_string());
+    assert!(v.get("unchanged").is_none());
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `W0 + s·B·A` for every module of `p`'s adapter, plus `noise` times a Gaussian matrix: the
+/// planted base's matrices as a merged (noise 0) or fine-tuned checkpoint, f32.
+fn checkpoint_of(p: &Planted, path: &Path, noise: f64) {
+    use intruder_gate::safetensors_file::{self, SafetensorsFile};
+    use intruder_gate::tensor::{encode, DType};
+    let adapter = intruder_gate::adapter::load_peft_dir(&p.adapter, &Default::default()).unwrap();
+    let base = SafetensorsFile::open(&p.base, &Default::default()).unwrap();
+    let mut rng = synth::Rng::new(5);
+    let tensors: Vec<_> = adapter
+        .modules
+        .iter()
+        .map(|m| {
+            let name = format!("{}.weight", m.name);
+            let w0 = base.matrix(&name).unwrap().to_f64();
+            let (out, inn, r) = (m.out_features, m.in_features, m.rank);
+            let w1: Vec<f32> = (0..out * inn)
+                .map(|t| {
+                    let (i, j) = (t / inn, t % inn);
+                    let ba: f64 = (0..r)
+                        .map(|k| m.b[i * r + k] as f64 * m.a[k * inn + j] as f64)
+                        .sum();
+                    (w0[t] + m.scale * ba + noise * rng.normal()) as f32
+                })
+                .collect();
+            (name, DType::F32, vec![out, inn], encode(&w1, DType::F32))
+        })
+        .collect();
+    safetensors_file::write(path, &tensors, &Default::default()).unwrap();
+}
+
+/// What the JSON says about each `--tuned` matrix: a merged LoRA is `merged-lora` with its rank
+/// and the adapter scan's intruders, and no seed (nothing randomized ran); a full-rank change is
+/// screened by the randomized solver, with its residual and the seed given.
+#[test]
+fn tuned_checkpoints_report_how_each_matrix_was_screened() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 2);
+    let tuned = |path: &Path| {
+        cli()
+            .args(["scan", "--no-cache", "--backend", "cpu", "--format", "json"])
+            .args(["--seed", "5", "--base"])
+            .arg(&p.base)
+            .arg("--tuned")
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let scanned = json_of(&scan(&p.base, &p.adapter, &["--format", "json"]));
+    let merged = dir.path().join("merged.safetensors");
+    checkpoint_of(&p, &merged, 0.0);
+    let v = json_of(&tuned(&merged));
+    assert_eq!(v["method"], "auto");
+    assert!(
+        v.get("seed").is_none() && v.get("unchanged").is_none(),
+        "{v}"
+    );
+    let modules = v["modules"].as_array().unwrap();
+    assert_eq!(modules.len(), 2);
+    for (m, a) in modules.iter().zip(scanned["modules"].as_array().unwrap()) {
+        assert_eq!(m["base_tensor"], a["base_tensor"]);
+        assert_eq!(m["solver"], "merged-lora", "{m}");
+        assert_eq!(m["detected_rank"], 4, "{m}");
+        assert_eq!(m["rank"], 4);
+        assert!(m["low_rank_residual"].as_f64().unwrap() < 1e-5, "{m}");
+        assert!(m.get("residual").is_none());
+        assert_eq!(m["intruders"], a["intruders"], "{m}");
+    }
+    let finetuned = dir.path().join("ft.safetensors");
+    checkpoint_of(&p, &finetuned, 0.02);
+    let v = json_of(&tuned(&finetuned));
+    assert_eq!(v["seed"], 5, "{v}");
+    for m in v["modules"].as_array().unwrap() {
+        let solver = m["solver"].as_str().unwrap();
+        assert!(solver.starts_with("randomized"), "{m}");
+        assert!(m.get("detected_rank").is_none(), "{m}");
+        assert!(m["residual"].as_f64().unwrap() <= 1e-9, "{m}");
+    }
+}
+
+/// A DoRA adapter (PEFT's layout: `use_dora` and a `lora_magnitude_vector` per module) is
+/// screened by the randomized solver; clamping it exits 2 naming DoRA, writing nothing.
+#[test]
+fn dora_adapters_are_screened_and_their_clamp_is_refused() {
+    use intruder_gate::safetensors_file::{self, SafetensorsFile};
+    use intruder_gate::tensor::{encode, DType};
+    let dir = tempfile::tempdir().unwrap();
+    let p = planted_in(dir.path(), 2);
+    let file = SafetensorsFile::open(&weights(&p.adapter), &Default::default()).unwrap();
+    let mut tensors: Vec<_> = file
+        .names()
+        .map(|n| {
+            let info = file.info(n).unwrap();
+            let (dtype, shape) = (info.dtype.unwrap(), info.shape.clone());
+            (n.to_string(), dtype, shape, file.bytes(n).unwrap().to_vec())
+        })
+        .collect();
+    for (m, out) in [("layers.0.attn.q", 64), ("layers.0.mlp.up", 96)] {
+        let b = file
+            .matrix(&format!("base_model.model.{m}.lora_B.weight"))
+            .unwrap();
+        assert_eq!(b.rows, out);
+        // Any positive magnitudes make a valid DoRA weight; these differ row to row.
+        let magnitude: Vec<f32> = (0..out).map(|i| 1.0 + 0.05 * i as f32).collect();
+        tensors.push((
+            format!("base_model.model.{m}.lora_magnitude_vector"),
+            DType::F32,
+            vec![out],
+            encode(&magnitude, DType::F32),
+        ));
+    }
+    drop(file);
+    safetensors_file::write(&weights(&p.adapter), &tensors, &Default::default()).unwrap();
+    rewrite_config(&p.adapter, |v| v["use_dora"] = true.into());
+    let v = json_of(&scan(&p.base, &p.adapter, &["--format", "json"]));
+    assert!(v["seed"].is_u64(), "{v}");
+    for m in v["modules"].as_array().unwrap() {
+        assert!(
+            m["solver"].as_str().unwrap().starts_with("randomized"),
+            "{m}"
+        );
+    }
+    let out_dir = dir.path().join("clamped");
+    let out = clamp_cmd(&p, &out_dir, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("DoRA adapters are screened but not clamped"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!out_dir.exists());
 }
 
 /// `index` fills the cache, resumes without recomputing what is there, and reports progress as

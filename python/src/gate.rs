@@ -431,5 +431,6 @@ fn lora_module(
         alpha: scale * a.rows as f64,
         scale,
         dtype: a.dtype,
+        magnitude: None,
     })
 }

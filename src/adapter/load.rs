@@ -6,6 +6,7 @@ use crate::bail;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::safetensors_file::{read_text, SafetensorsFile};
+use crate::tensor::TensorRef;
 use regex::Regex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,20 +50,41 @@ impl PeftDir {
         }
         let config = read_config(&dir.join(CONFIG), limits)?;
         let file = SafetensorsFile::open(&weights_path, limits)?;
-        let (pairs, not_screened) =
+        let (pairs, mut magnitudes, not_screened) =
             lora_pairs(&file).map_err(|e| e.context(weights_path.display()))?;
-        if config.use_dora {
+        // DoRA: `use_dora` and a magnitude vector per module go together; either alone is a file
+        // PEFT itself would not load as written.
+        if let Some((module, key)) = magnitudes.iter().find(|(m, _)| !pairs.contains_key(*m)) {
             bail!(
-                Unsupported,
-                "{d}: DoRA adapters are not supported: {CONFIG} sets use_dora"
+                Format,
+                "{d}: {key} has no lora_A/lora_B pair for module {module}"
+            );
+        }
+        if !config.use_dora {
+            if let Some((module, _)) = magnitudes.iter().next() {
+                bail!(
+                    Format,
+                    "{d}: module {module} has a lora_magnitude_vector (DoRA) but {CONFIG} does not set use_dora"
+                );
+            }
+        } else if let Some(module) = pairs.keys().find(|m| !magnitudes.contains_key(*m)) {
+            bail!(
+                Format,
+                "{d}: {CONFIG} sets use_dora (DoRA) but module {module} has no lora_magnitude_vector"
             );
         }
         let modules = pairs
             .into_iter()
             .map(|(name, (a_key, b_key))| {
-                module_shape(&file, name, a_key, b_key, &config, limits)
-                    .map_err(|e| e.context(weights_path.display()))
+                let magnitude_key = magnitudes.remove(&name);
+                let mut m = module_shape(&file, name, a_key, b_key, &config, limits)?;
+                if let Some(key) = magnitude_key {
+                    magnitude_shape(&file, &key, m.out_features)?;
+                    m.magnitude_key = Some(key);
+                }
+                Ok(m)
             })
+            .map(|m: Result<ModuleShape>| m.map_err(|e| e.context(weights_path.display())))
             .collect::<Result<Vec<_>>>()?;
         Ok(PeftDir {
             dir: dir.to_path_buf(),
@@ -101,6 +123,8 @@ pub struct ModuleShape {
     pub out_features: usize,
     a_key: String,
     b_key: String,
+    /// DoRA: the key of the module's `lora_magnitude_vector`.
+    magnitude_key: Option<String>,
 }
 
 impl PeftDir {
@@ -149,20 +173,23 @@ fn read_config(path: &Path, limits: &Limits) -> Result<AdapterConfig> {
 /// A PEFT module path and the keys of its lora_A and lora_B.
 type Pairs = BTreeMap<String, (String, String)>;
 
-/// Module path → (lora_A key, lora_B key), and the keys that are not LoRA A/B pairs (embedding
-/// LoRA, `modules_to_save` copies, …): those are not screened, and the report says so.
-/// Refuses DoRA and unpaired tensors.
-fn lora_pairs(file: &SafetensorsFile) -> Result<(Pairs, Vec<String>)> {
+/// Module path → (lora_A key, lora_B key); module path → DoRA magnitude key; and the keys that
+/// are neither (embedding LoRA, `modules_to_save` copies, …): those are not screened, and the
+/// report says so. Refuses unpaired and repeated tensors.
+fn lora_pairs(file: &SafetensorsFile) -> Result<(Pairs, BTreeMap<String, String>, Vec<String>)> {
     let mut halves: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+    let mut magnitudes = BTreeMap::new();
     let mut others = Vec::new();
     for key in file.names() {
         let path = key.strip_prefix(PREFIX).unwrap_or(key);
-        if let Some(i) = path.find(".lora_magnitude_vector") {
-            bail!(
-                Unsupported,
-                "DoRA adapters are not supported: module {} has lora_magnitude_vector",
-                &path[..i]
-            );
+        if let Some(module) = split_magnitude_key(path) {
+            if let Some(previous) = magnitudes.insert(module.to_string(), key.to_string()) {
+                bail!(
+                    Format,
+                    "module {module} has two lora_magnitude_vector tensors: {previous} and {key}"
+                );
+            }
+            continue;
         }
         let Some((module, side)) = split_lora_key(path) else {
             others.push(key.to_string());
@@ -186,7 +213,50 @@ fn lora_pairs(file: &SafetensorsFile) -> Result<(Pairs, Vec<String>)> {
             (None, None) => unreachable!("a module is recorded with at least one half"),
         })
         .collect::<Result<Pairs>>()?;
-    Ok((pairs, others))
+    Ok((pairs, magnitudes, others))
+}
+
+/// `M.lora_magnitude_vector` as PEFT saves it, or with `.weight` and/or an adapter name → M.
+fn split_magnitude_key(path: &str) -> Option<&str> {
+    static KEY: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"^(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+            .expect("a valid regex")
+    });
+    Some(KEY.captures(path)?.get(1)?.as_str())
+}
+
+/// A DoRA magnitude vector's header: a float dtype, 1-D (or [out, 1] / [1, out]), `out` long.
+fn magnitude_shape(file: &SafetensorsFile, key: &str, out: usize) -> Result<()> {
+    let info = file.info(key).expect("key comes from this file");
+    if info.dtype.is_none() {
+        bail!(
+            Unsupported,
+            "{key} has dtype {}; DoRA magnitudes must be F32, F16, BF16 or F64",
+            info.dtype_name
+        );
+    }
+    let n: usize = info.shape.iter().product();
+    if n != out || info.shape.iter().filter(|&&d| d != 1).count() > 1 {
+        bail!(
+            Shape,
+            "{key} has shape {:?}; DoRA's magnitude vector must hold out_features = {out} values",
+            info.shape
+        );
+    }
+    Ok(())
+}
+
+/// A DoRA magnitude vector's values (header checked by [`magnitude_shape`]), finite.
+fn magnitude(file: &SafetensorsFile, key: &str, out: usize) -> Result<Vec<f32>> {
+    let dtype = file
+        .info(key)
+        .and_then(|i| i.dtype)
+        .expect("checked when the directory was opened");
+    let t = TensorRef::new(dtype, 1, out, file.bytes(key).unwrap_or_default())?;
+    if let Some((_, col)) = t.first_non_finite() {
+        bail!(NonFinite, "{key} has a NaN or Inf at index {col}");
+    }
+    Ok(t.to_f32())
 }
 
 /// `M.lora_A.weight` or `M.lora_A.<adapter name>.weight` → (M, 0); the same for B → 1.
@@ -242,6 +312,7 @@ fn module_shape(
         out_features: b_rows,
         a_key,
         b_key,
+        magnitude_key: None,
     })
 }
 
@@ -271,6 +342,11 @@ fn load_module(
         scale: config.scale_for(&m.name),
         // Mixed A/B dtypes are legal; A's stands for the pair.
         dtype: a.dtype,
+        magnitude: m
+            .magnitude_key
+            .as_deref()
+            .map(|key| magnitude(file, key, m.out_features))
+            .transpose()?,
     })
 }
 
@@ -297,7 +373,25 @@ fn matrix_shape(file: &SafetensorsFile, key: &str) -> Result<[usize; 2]> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_lora_key;
+    use super::{split_lora_key, split_magnitude_key};
+
+    #[test]
+    fn dora_magnitude_keys_as_peft_saves_them() {
+        assert_eq!(
+            split_magnitude_key("enc.q.lora_magnitude_vector"),
+            Some("enc.q")
+        );
+        assert_eq!(
+            split_magnitude_key("enc.q.lora_magnitude_vector.weight"),
+            Some("enc.q")
+        );
+        assert_eq!(
+            split_magnitude_key("enc.q.lora_magnitude_vector.default.weight"),
+            Some("enc.q")
+        );
+        assert_eq!(split_magnitude_key("enc.q.lora_A.weight"), None);
+        assert_eq!(split_magnitude_key("lora_magnitude_vector"), None);
+    }
 
     #[test]
     fn lora_keys_with_and_without_adapter_name() {

@@ -31,6 +31,9 @@ pub struct LoraModule {
     pub scale: f64,
     /// Stored dtype of A and B.
     pub dtype: DType,
+    /// DoRA's magnitude vector `m` (out_features long): the module's weight is then
+    /// `m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row` (PEFT's `lora_magnitude_vector`). `None` for LoRA.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +149,23 @@ pub fn validate_module(m: &LoraModule, limits: &Limits) -> Result<()> {
                 values[i],
                 i / cols,
                 i % cols
+            );
+        }
+    }
+    if let Some(mag) = &m.magnitude {
+        if mag.len() != m.out_features {
+            bail!(
+                Shape,
+                "module {name}: lora_magnitude_vector holds {} values, expected out_features {}",
+                mag.len(),
+                m.out_features
+            );
+        }
+        if let Some(i) = mag.iter().position(|v| !v.is_finite()) {
+            bail!(
+                NonFinite,
+                "module {name}: lora_magnitude_vector has non-finite value {} at {i}",
+                mag[i]
             );
         }
     }

@@ -206,6 +206,7 @@ mod tests {
             alpha: 2.0,
             scale: 2.0,
             dtype: DType::F32,
+            magnitude: None,
         };
         Adapter::from_modules("t", vec![m], &Limits::default()).unwrap()
     }

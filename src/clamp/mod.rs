@@ -179,6 +179,7 @@ impl ClampedAdapter {
                     alpha: rank as f64 * ClampedModule::SCALE,
                     scale: ClampedModule::SCALE,
                     dtype,
+                    magnitude: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -287,6 +288,8 @@ pub fn clamp(
     opts: &ClampOptions,
 ) -> Result<ClampedAdapter> {
     opts.validate()?;
+    // Before anything else: the refusal names DoRA, not a symptom of it.
+    crate::gate::refuse_dora(adapter)?;
     let targets = targets(adapter, report, opts.target)?;
     let k = gate.config().top_k;
     let solutions = gate
@@ -313,6 +316,7 @@ pub fn clamp_solved(
     opts: &ClampOptions,
 ) -> Result<ClampedAdapter> {
     opts.validate()?;
+    crate::gate::refuse_dora(adapter)?;
     let targets = targets(adapter, report, opts.target)?;
     let mismatch = |why: String| {
         Error::new(

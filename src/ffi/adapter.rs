@@ -175,6 +175,7 @@ pub unsafe extern "C" fn ig_adapter_add_module(
             alpha: scale as f64 * rank as f64,
             scale: scale as f64,
             dtype,
+            magnitude: None,
         };
         let limits = Limits::default();
         // An absurd shape is refused before anything is read or allocated (validate_module

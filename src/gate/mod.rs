@@ -4,7 +4,7 @@
 //!
 //! One file per job: [`base_set`] (the attached base), [`plan`] (mapping and shape checks),
 //! [`module`] (one module's screening), [`screen`] (a whole adapter, verdict and metrics),
-//! [`index`] (precomputing the cache), [`tuned`] (the full fine-tuning comparison),
+//! [`index`] (precomputing the cache), [`tuned`] (fully fine-tuned or merged checkpoints),
 //! [`progress`] (what `index` reports). Clamping is [`crate::clamp`], over a gate and a report.
 
 mod base_set;
@@ -15,7 +15,7 @@ mod progress;
 mod screen;
 mod tuned;
 
-pub(crate) use module::Solved;
+pub(crate) use module::{refuse_dora, Solved};
 pub use module::{ModuleSolution, Solutions};
 pub use progress::{IndexProgress, IndexSummary};
 

@@ -1,5 +1,6 @@
 //! One module's screening: its base spectrum (through the cache), then the Brand update or the
-//! dense reference, then its line of the report.
+//! dense reference (a DoRA module: the randomized solver on its operator), then its line of the
+//! report.
 
 use super::base_set::BaseSet;
 use super::plan::Job;
@@ -11,6 +12,8 @@ use crate::report::{classify, Method, ModuleReport};
 use crate::spectrum::brand::{self, BrandSolution, Update};
 use crate::spectrum::cache::{Fetched, Source};
 use crate::spectrum::params::SolverParams;
+use crate::spectrum::randomized::{materialise, DenseOp, DoraParts, RandomizedParams};
+use crate::spectrum::tuned::{self, Screened};
 use crate::spectrum::{dense, Solver};
 use crate::tensor::TensorRef;
 use rayon::prelude::*;
@@ -150,8 +153,13 @@ impl Solved {
 
 impl Gate {
     /// One module's line of the report and, with `keep` and the Brand method, what a clamp of
-    /// its intruders needs (lifted here, while the base spectrum is at hand).
+    /// its intruders needs (lifted here, while the base spectrum is at hand). DoRA modules keep
+    /// nothing: they are screened, not clamped.
     pub(super) fn run(&self, job: &Job<'_>, keep: bool) -> Result<ModuleRun> {
+        if job.lora.magnitude.is_some() {
+            let (report, warning) = self.run_dora(job)?;
+            return Ok((report, warning, None));
+        }
         let lora = job.lora;
         let k = self.config.top_k;
         let mut timings = BTreeMap::new();
@@ -176,7 +184,7 @@ impl Gate {
                     None,
                 )
             }
-            Method::Brand => {
+            Method::Brand | Method::Auto => {
                 let solved = self.brand_solve(job, k + 1, &mut timings)?;
                 let (mc, out) = (solved.sol.max_cos(), solved.sol.outside_base_span());
                 let row = (
@@ -209,6 +217,71 @@ impl Gate {
         Ok((report, warning, kept))
     }
 
+    /// A DoRA module: `W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row` is not a low-rank update of
+    /// `W0`, so no Brand update: the randomized solver on `W'` as an operator against the cached
+    /// base spectrum, or (`Method::Dense`) the f64 SVDs of `W0` and the materialised `W'`.
+    fn run_dora(&self, job: &Job<'_>) -> Result<(ModuleReport, Option<String>)> {
+        let lora = job.lora;
+        let magnitude = lora.magnitude.as_deref().expect("a DoRA module");
+        let k = self.config.top_k;
+        let (out, inn) = (lora.out_features, lora.in_features);
+        let mut timings = BTreeMap::new();
+        if self.config.method == Method::Dense {
+            check_base_values(&job.base_tensor, &job.w0, &self.config.limits)?;
+        }
+        let w0 = DenseOp::from_row_major(&oriented_f64(&job.w0, job.transposed), out, inn);
+        let parts = DoraParts::new(&w0, &lora.a, &lora.b, lora.rank, lora.scale, magnitude)
+            .map_err(|e| e.context(format!("module {}", lora.name)))?;
+        let op = parts.operator();
+        let (screened, source, warning) = if self.config.method == Method::Dense {
+            let t = Instant::now();
+            let (w0m, w1) = (materialise(&w0), materialise(&op));
+            let d = dense::compare(w0m.as_ref(), w1.as_ref(), k + 1)?;
+            timings.insert("dense".into(), ms(t));
+            let s = Screened {
+                sigma: d.sigma,
+                max_cos: d.max_cos,
+                outside_base_span: d.outside_base_span,
+                solver: Solver::Dense,
+                detected_rank: None,
+                low_rank_residual: None,
+                residual: None,
+            };
+            (s, None, None)
+        } else {
+            let t = Instant::now();
+            let (spectrum, source, warning) =
+                self.fetch_base(job.base, &job.base_tensor, &job.w0)?;
+            timings.insert("base_spectrum".into(), ms(t));
+            let base = if job.transposed {
+                Arc::new(transpose_spectrum(&spectrum))
+            } else {
+                spectrum
+            };
+            let t = Instant::now();
+            let s = tuned::screen_operator(
+                self.backend.as_ref(),
+                &base,
+                &op,
+                k + 1,
+                &self.randomized_params(),
+            )?;
+            timings.insert("update".into(), ms(t));
+            (s, Some(source), warning)
+        };
+        let report = self.screened_report(
+            lora.name.clone(),
+            job.base_tensor.clone(),
+            [out, inn],
+            lora.rank,
+            lora.scale,
+            screened,
+            source,
+            timings,
+        );
+        Ok((report, warning))
+    }
+
     /// Plans `adapter` and solves every module for its top `want(module)` triplets by the Brand
     /// update (whatever the configured method: clamping needs the Brand quantities), in parallel.
     /// The result is sorted by module name.
@@ -217,6 +290,7 @@ impl Gate {
         adapter: &Adapter,
         want: &(dyn Fn(&str) -> usize + Sync),
     ) -> Result<Vec<Solved>> {
+        refuse_dora(adapter)?;
         let base = self.base.read();
         let jobs = self.plan(&base, adapter)?;
         let mut solved = self.pool.install(|| {
@@ -236,13 +310,7 @@ impl Gate {
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<Solved> {
         let t = Instant::now();
-        let fetched = self.base_spectrum(job.base, &job.base_tensor, &job.w0)?;
-        let (spectrum, source) = (fetched.spectrum, fetched.source);
-        let warning = [fetched.rebuilt, fetched.not_written]
-            .into_iter()
-            .flatten()
-            .map(|w| format!("base tensor `{}`: {w}", job.base_tensor))
-            .reduce(|a, b| format!("{a}; {b}"));
+        let (spectrum, source, warning) = self.fetch_base(job.base, &job.base_tensor, &job.w0)?;
         timings.insert("base_spectrum".into(), ms(t));
         let base = if job.transposed {
             Arc::new(transpose_spectrum(&spectrum))
@@ -312,12 +380,56 @@ impl Gate {
             outside_base_span: outside,
             near_epsilon,
             solver,
+            detected_rank: None,
+            low_rank_residual: None,
+            residual: None,
             base_spectrum: source,
             timings_ms,
         }
     }
 
-    fn solver_params(&self) -> SolverParams {
+    /// A module report from a [`Screened`] matrix (rank and scale as the module has them).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn screened_report(
+        &self,
+        module: String,
+        base_tensor: String,
+        shape: [usize; 2],
+        rank: usize,
+        scale: f64,
+        s: Screened,
+        source: Option<Source>,
+        timings: BTreeMap<String, f64>,
+    ) -> ModuleReport {
+        let mut m = self.module_report(
+            module,
+            base_tensor,
+            shape,
+            rank,
+            scale,
+            s.sigma,
+            s.max_cos,
+            s.outside_base_span,
+            s.solver,
+            source,
+            timings,
+        );
+        m.detected_rank = s.detected_rank;
+        m.low_rank_residual = s.low_rank_residual;
+        m.residual = s.residual;
+        m
+    }
+
+    /// The randomized solver's settings: the Brand solver's tolerance, the configured seed.
+    pub(super) fn randomized_params(&self) -> RandomizedParams {
+        RandomizedParams {
+            tol: self.config.krylov_tolerance,
+            seed: self.config.seed,
+            ..RandomizedParams::default()
+        }
+    }
+
+    pub(super) fn solver_params(&self) -> SolverParams {
         SolverParams::for_screening(self.config.top_k, self.config.krylov_tolerance)
     }
 
@@ -344,6 +456,23 @@ impl Gate {
                 .record_spectrum_compute(started.elapsed().as_secs_f64());
         }
         Ok(fetched)
+    }
+
+    /// [`Gate::base_spectrum`] with what went wrong on the way (a rebuilt entry, a spectrum that
+    /// could not be written) as one report warning.
+    pub(super) fn fetch_base(
+        &self,
+        base: &BaseSet,
+        name: &str,
+        w0: &TensorRef<'_>,
+    ) -> Result<(Arc<Spectrum>, Source, Option<String>)> {
+        let fetched = self.base_spectrum(base, name, w0)?;
+        let warning = [fetched.rebuilt, fetched.not_written]
+            .into_iter()
+            .flatten()
+            .map(|w| format!("base tensor `{name}`: {w}"))
+            .reduce(|a, b| format!("{a}; {b}"));
+        Ok((fetched.spectrum, fetched.source, warning))
     }
 
     /// Runs `f` (a base-spectrum computation, called while holding that spectrum's cache flight)
@@ -381,6 +510,19 @@ fn transpose_spectrum(s: &Spectrum) -> Spectrum {
         u: s.v.clone(),
         s: s.s.clone(),
         v: s.u.clone(),
+    }
+}
+
+/// Clamping needs the Brand quantities of `W0 + s·B·A`; a DoRA module's weight is not that.
+pub(crate) fn refuse_dora(adapter: &Adapter) -> Result<()> {
+    match adapter.modules.iter().find(|m| m.magnitude.is_some()) {
+        Some(m) => crate::bail!(
+            Unsupported,
+            "adapter {}: module {} is DoRA; DoRA adapters are screened but not clamped (see README, \"DoRA\")",
+            adapter.name,
+            m.name
+        ),
+        None => Ok(()),
     }
 }
 

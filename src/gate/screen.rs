@@ -216,6 +216,7 @@ impl Gate {
     ) -> Report {
         let total: usize = modules.iter().map(|m| m.intruders.len()).sum();
         let (verdict, fired_rules) = self.config.policy.evaluate(&modules);
+        let randomized = modules.iter().any(|m| m.solver.is_randomized());
         Report {
             schema_version: SCHEMA_VERSION,
             tool_version: env!("CARGO_PKG_VERSION"),
@@ -237,6 +238,8 @@ impl Gate {
             modules,
             timings_ms,
             warnings,
+            seed: randomized.then_some(self.config.seed),
+            unchanged: vec![],
         }
     }
 }

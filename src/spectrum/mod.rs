@@ -24,15 +24,40 @@ pub enum Solver {
     /// Thin SVDs of `W'` and `W0` in f64: the reference method.
     #[serde(rename = "dense")]
     Dense,
+    /// `--tuned`: `ΔW = W' − W0` has low rank (a merged LoRA), factored and solved by the Brand
+    /// update against the cached base spectrum.
+    #[serde(rename = "merged-lora")]
+    MergedLora,
+    /// Seeded sketch + block Krylov, residual-checked (`--tuned` full fine-tunes, DoRA).
+    #[serde(rename = "randomized")]
+    Randomized,
+    /// The randomized solver's operator was too small for a sketch: a dense f64 SVD up front.
+    #[serde(rename = "randomized-dense-small")]
+    RandomizedDenseSmall,
+    /// The randomized solver's Krylov basis hit its cap first: a dense f64 SVD.
+    #[serde(rename = "randomized-dense-fallback")]
+    RandomizedDenseFallback,
 }
 
 impl Solver {
+    /// Whether the randomized solver (and so its seed) produced the triplets.
+    pub fn is_randomized(self) -> bool {
+        matches!(
+            self,
+            Solver::Randomized | Solver::RandomizedDenseSmall | Solver::RandomizedDenseFallback
+        )
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Solver::Davidson => "davidson",
             Solver::DenseCore => "dense-core",
             Solver::DenseCoreFallback => "dense-core-fallback",
             Solver::Dense => "dense",
+            Solver::MergedLora => "merged-lora",
+            Solver::Randomized => "randomized",
+            Solver::RandomizedDenseSmall => "randomized-dense-small",
+            Solver::RandomizedDenseFallback => "randomized-dense-fallback",
         }
     }
 }

@@ -67,6 +67,28 @@ impl DenseOp {
         DenseOp { wt }
     }
 
+    /// `‖W − Q·Btᵀ‖_F²` (`q` rows × m, `bt` cols × m), formed a block of rows at a time.
+    pub fn residual_squared(&self, q: MatRef<'_, f64>, bt: MatRef<'_, f64>) -> f64 {
+        const BLOCK: usize = 256;
+        let rows = self.wt.ncols();
+        let mut sum = 0.0;
+        for i0 in (0..rows).step_by(BLOCK) {
+            let n = BLOCK.min(rows - i0);
+            // Columns of Wᵀ − Bt·Qᵀ are the rows of the residual.
+            let mut e = self.wt.as_ref().subcols(i0, n).to_owned();
+            matmul(
+                e.as_mut(),
+                Accum::Add,
+                bt,
+                q.subrows(i0, n).transpose(),
+                -1.0,
+                Par::Seq,
+            );
+            sum += e.squared_norm_l2();
+        }
+        sum
+    }
+
     /// Row `i` of `W`.
     pub fn row(&self, i: usize) -> &[f64] {
         self.wt.col_as_slice(i)

@@ -323,18 +323,20 @@ pub struct NotLowRank {
 
 /// A randomized rank-revealing sketch of `op` (HMT's adaptive range finder): seeded Gaussian
 /// sketches `op·Ω` of growing size, until the part of `op` outside their span,
-/// `‖(I − QQᵀ)op‖_F² = ‖op‖_F² − ‖Qᵀop‖_F²` (exact, from `frobenius = ‖op‖_F`), is at most
-/// `threshold`; then the rank is revealed by the SVD of `Qᵀop`, truncated where the dropped tail
-/// still keeps the total residual within `threshold`. `Err` when more than `max_rank`
+/// `‖(I − QQᵀ)op‖_F` (from `frobenius = ‖op‖_F`, formed explicitly near the end), is at most
+/// `threshold`; then the rank is revealed by the SVD of `Qᵀop`, dropping singular values no
+/// larger than `floor` (noise: a direction above it is kept) while the total residual stays
+/// within `threshold`. `Err` when more than `max_rank`
 /// directions are needed — or, earlier, when the sketch shows that they would be: the effective
 /// rank `‖op‖_F⁴ / Σσ⁴` (Σσ⁴ by Hutchinson's estimator on the first sketch) is more than twice
 /// `max_rank`, or the energy still outside the sketch exceeds twice what the directions left
 /// could hold at the rate the last round captured. Those early answers are estimates; a wrong
 /// one costs only time (the caller then solves `W'` itself), never a wrong factorisation.
 pub fn low_rank(
-    op: &dyn Operator,
+    op: &DenseOp,
     frobenius: f64,
     threshold: f64,
+    floor: f64,
     p: &LowRankParams,
 ) -> std::result::Result<LowRank, NotLowRank> {
     let (rows, cols) = (op.rows(), op.cols());
@@ -367,11 +369,16 @@ pub fn low_rank(
         let before = captured;
         captured += (m..m + added).map(|j| norm(bt.col(j)).powi(2)).sum::<f64>();
         m += added;
-        let tail2 = (total - captured).max(0.0);
+        let mut tail2 = (total - captured).max(0.0);
+        // `‖op‖² − ‖Qᵀop‖²` cancels: when it gets near the threshold (f32 storage rounding can be
+        // 1e-13 of ‖ΔW‖²), the decision is taken on the residual itself, formed explicitly.
+        if tail2 <= 1e-6 * total || added < take {
+            tail2 = op.residual_squared(q.as_ref(), bt.as_ref());
+        }
         if tail2 <= threshold * threshold || added < take {
             // Nothing of `op` is left outside the sketch but the threshold's worth (or the
             // sketch stopped growing: `op` lies in its span).
-            return Ok(reveal(q, bt, tail2, threshold));
+            return Ok(reveal(q, bt, tail2, threshold, floor));
         }
         if round == 1 {
             // Hutchinson: E‖opᵀ op ω‖² = Σσ⁴, and opᵀ Y = Bt (Qᵀ Y) since Y lies in span(Q).
@@ -396,8 +403,9 @@ pub fn low_rank(
 }
 
 /// `op ≈ Q·Btᵀ = (Q V) Σ Uᵀ` from the SVD `Bt = U Σ Vᵀ`, truncated to the smallest rank whose
-/// dropped singular values keep the total residual within `threshold`.
-fn reveal(q: Mat<f64>, bt: Mat<f64>, outside2: f64, threshold: f64) -> LowRank {
+/// dropped singular values are at most `floor` each and keep the total residual within
+/// `threshold`.
+fn reveal(q: Mat<f64>, bt: Mat<f64>, outside2: f64, threshold: f64, floor: f64) -> LowRank {
     let m = q.ncols();
     if m == 0 {
         return LowRank {
@@ -411,7 +419,10 @@ fn reveal(q: Mat<f64>, bt: Mat<f64>, outside2: f64, threshold: f64) -> LowRank {
     let s = svd.S().column_vector();
     let mut dropped = outside2;
     let mut rank = s.nrows();
-    while rank > 0 && dropped + s[rank - 1] * s[rank - 1] <= threshold * threshold {
+    while rank > 0
+        && s[rank - 1] <= floor
+        && dropped + s[rank - 1] * s[rank - 1] <= threshold * threshold
+    {
         rank -= 1;
         dropped += s[rank] * s[rank];
     }
@@ -622,7 +633,14 @@ mod tests {
             .collect();
         let op = DenseOp::from_row_major(&noisy, rows, cols);
         let threshold = 2.0 * eps * ((rows * cols) as f64).sqrt();
-        let f = low_rank(&op, frobenius(&noisy), threshold, &LowRankParams::default()).unwrap();
+        let f = low_rank(
+            &op,
+            frobenius(&noisy),
+            threshold,
+            threshold,
+            &LowRankParams::default(),
+        )
+        .unwrap();
         assert_eq!(f.rank, r);
         // The residual it claims is the residual it has, and within the threshold.
         let approx = &f.left * f.right.transpose();
@@ -644,11 +662,11 @@ mod tests {
         let g = gaussian_block(rows, cols, 23);
         let flat: Vec<f64> = (0..rows * cols).map(|t| g[(t / cols, t % cols)]).collect();
         let op = DenseOp::from_row_major(&flat, rows, cols);
-        assert!(low_rank(&op, frobenius(&flat), 1e-6 * frobenius(&flat), &p).is_err());
+        assert!(low_rank(&op, frobenius(&flat), 1e-6 * frobenius(&flat), 0.0, &p).is_err());
         let sigma: Vec<f64> = (0..cols).map(|i| 0.97f64.powi(i as i32)).collect();
         let decaying = with_spectrum(rows, cols, &sigma, 24);
         let op = DenseOp::from_row_major(&decaying, rows, cols);
         let fro = frobenius(&decaying);
-        assert!(low_rank(&op, fro, 1e-6 * fro, &p).is_err());
+        assert!(low_rank(&op, fro, 1e-6 * fro, 0.0, &p).is_err());
     }
 }

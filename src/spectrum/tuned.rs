@@ -11,6 +11,7 @@ use super::brand::{self, Update};
 use super::krylov::Triplets;
 use super::params::SolverParams;
 use super::randomized::{self, DenseOp, LowRankParams, Operator, RandomizedParams, RandomizedSvd};
+use super::Solver;
 use crate::backend::{Backend, Spectrum};
 use crate::error::Result;
 use crate::tensor::{DType, TensorRef};
@@ -20,8 +21,8 @@ pub struct Screened {
     pub sigma: Vec<f64>,
     pub max_cos: Vec<f64>,
     pub outside_base_span: Vec<f64>,
-    /// "merged-lora" (low-rank ΔW, Brand update), or a [`randomized::Solver`] label.
-    pub solver: &'static str,
+    /// `MergedLora` (low-rank ΔW, Brand update), or one of the randomized solver's.
+    pub solver: Solver,
     /// The rank of ΔW when it was found to be low.
     pub detected_rank: Option<usize>,
     /// "merged-lora": `‖ΔW − L·Rᵀ‖_F / ‖ΔW‖_F`, the part of ΔW the factorisation dropped.
@@ -76,7 +77,11 @@ pub fn screen_checkpoint_matrix(
         seed: params.seed,
         ..defaults
     };
-    match randomized::low_rank(&delta_op, fro_delta, threshold, &lr) {
+    // The rounding is spread over every direction: for independent entries its spectral norm
+    // is about ‖N‖_F·(1/√rows + 1/√cols); its entries scale with |w'|, not uniformly, so 4×
+    // that. A singular value of ΔW above it is the weights', and kept.
+    let floor = 4.0 * threshold * (1.0 / (rows as f64).sqrt() + 1.0 / (cols as f64).sqrt());
+    match randomized::low_rank(&delta_op, fro_delta, threshold, floor, &lr) {
         Ok(f) => {
             drop(delta_op);
             let r = f.rank;
@@ -88,7 +93,7 @@ pub fn screen_checkpoint_matrix(
                     sigma: base.s[..n].iter().map(|&s| s as f64).collect(),
                     max_cos: vec![1.0; n],
                     outside_base_span: vec![0.0; n],
-                    solver: "merged-lora",
+                    solver: Solver::MergedLora,
                     detected_rank: Some(0),
                     low_rank_residual: Some(f.residual / fro_delta.max(f64::MIN_POSITIVE)),
                     residual: None,
@@ -119,7 +124,7 @@ pub fn screen_checkpoint_matrix(
                 max_cos: sol.max_cos(),
                 outside_base_span: sol.outside_base_span(),
                 sigma: sol.triplets.sigma,
-                solver: "merged-lora",
+                solver: Solver::MergedLora,
                 detected_rank: Some(r),
                 low_rank_residual: Some(f.residual / fro_delta),
                 residual: None,
@@ -159,7 +164,11 @@ fn screened(backend: &dyn Backend, base: &Spectrum, svd: RandomizedSvd) -> Resul
     Ok(Screened {
         residual: Some(svd.worst_relative_residual()),
         low_rank_residual: None,
-        solver: svd.solver.label(),
+        solver: match svd.solver {
+            randomized::Solver::Randomized => Solver::Randomized,
+            randomized::Solver::DenseSmall => Solver::RandomizedDenseSmall,
+            randomized::Solver::DenseFallback => Solver::RandomizedDenseFallback,
+        },
         sigma: svd.triplets.sigma,
         max_cos,
         outside_base_span: outside,
