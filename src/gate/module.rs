@@ -249,15 +249,7 @@ impl Gate {
             };
             (s, None, None)
         } else {
-            let t = Instant::now();
-            let (spectrum, source, warning) =
-                self.fetch_base(job.base, &job.base_tensor, &job.w0)?;
-            timings.insert("base_spectrum".into(), ms(t));
-            let base = if job.transposed {
-                Arc::new(transpose_spectrum(&spectrum))
-            } else {
-                spectrum
-            };
+            let (base, source, warning) = self.job_base(job, &mut timings)?;
             let t = Instant::now();
             let s = tuned::screen_operator(
                 self.backend.as_ref(),
@@ -309,14 +301,7 @@ impl Gate {
         want: usize,
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<Solved> {
-        let t = Instant::now();
-        let (spectrum, source, warning) = self.fetch_base(job.base, &job.base_tensor, &job.w0)?;
-        timings.insert("base_spectrum".into(), ms(t));
-        let base = if job.transposed {
-            Arc::new(transpose_spectrum(&spectrum))
-        } else {
-            spectrum
-        };
+        let (base, source, warning) = self.job_base(job, timings)?;
         let t = Instant::now();
         let lora = job.lora;
         let sol = brand::solve(
@@ -456,6 +441,23 @@ impl Gate {
                 .record_spectrum_compute(started.elapsed().as_secs_f64());
         }
         Ok(fetched)
+    }
+
+    /// The job's base spectrum in the adapter's orientation, timed as `base_spectrum`.
+    fn job_base(
+        &self,
+        job: &Job<'_>,
+        timings: &mut BTreeMap<String, f64>,
+    ) -> Result<(Arc<Spectrum>, Source, Option<String>)> {
+        let t = Instant::now();
+        let (spectrum, source, warning) = self.fetch_base(job.base, &job.base_tensor, &job.w0)?;
+        timings.insert("base_spectrum".into(), ms(t));
+        let base = if job.transposed {
+            Arc::new(transpose_spectrum(&spectrum))
+        } else {
+            spectrum
+        };
+        Ok((base, source, warning))
     }
 
     /// [`Gate::base_spectrum`] with what went wrong on the way (a rebuilt entry, a spectrum that
