@@ -490,6 +490,7 @@ fn clamp_module(
     } else {
         None
     };
+    fit_dtype(&mut l, &mut rt, &lora.name, lora.dtype)?;
     let rank = l.ncols();
     Ok(ClampedModule {
         name: lora.name.clone(),
@@ -515,6 +516,43 @@ fn clamp_module(
             .collect(),
         truncation,
     })
+}
+
+/// Makes every factor value representable in `dtype` (the module's own, which a written
+/// adapter keeps) without changing `L·Rᵀ`. A column pair whose values leave that range (a huge
+/// scale folded into `B` beside a tiny `A`: the product is within `max_norm`, the factor is
+/// not) is rebalanced to equal norms, which puts each side at the square root of the product's
+/// size; other columns stay exactly as assembled. What still does not fit is an error, never an
+/// infinity in the factors.
+fn fit_dtype(l: &mut Mat<f64>, rt: &mut Mat<f64>, module: &str, dtype: DType) -> Result<()> {
+    let largest = match dtype {
+        DType::F16 => f64::from(half::f16::MAX),
+        DType::BF16 => f64::from(half::bf16::MAX),
+        DType::F32 | DType::F64 => f64::from(f32::MAX),
+    };
+    // Headroom for the rounding of the conversion.
+    let range = largest / 16.0;
+    for c in 0..l.ncols() {
+        let peak = |m: &Mat<f64>| m.col(c).iter().fold(0.0f64, |p, x| p.max(x.abs()));
+        let (pl, pr) = (peak(l), peak(rt));
+        if pl <= range && pr <= range {
+            continue;
+        }
+        let (nl, nr) = (l.col(c).norm_l2(), rt.col(c).norm_l2());
+        if nl > 0.0 && nr > 0.0 && nl.is_finite() && nr.is_finite() {
+            let k = (nr / nl).sqrt();
+            l.col_mut(c).iter_mut().for_each(|x| *x *= k);
+            rt.col_mut(c).iter_mut().for_each(|x| *x /= k);
+        }
+        if peak(l) > range || peak(rt) > range {
+            crate::bail!(
+                Limit,
+                "module {module}: the clamped factors do not fit {dtype:?} (a column of B''·A''ᵀ of size {:.1e})",
+                nl * nr
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The best rank-`rank` approximation of `L·Rᵀ`, as factors (`out × rank`, `in × rank`), from
@@ -562,4 +600,51 @@ pub fn best_rank(
 fn thin_qr(m: &Mat<f64>) -> (Mat<f64>, Mat<f64>) {
     let qr = m.qr();
     (qr.compute_thin_Q(), qr.thin_R().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fuzz finds `crash-clamp-f16-overflow` / `crash-clamp-f32-overflow` (fuzz/corpus): a huge
+    /// scale folded into B beside a tiny A gave factors past the dtype's range. Such a column is
+    /// rebalanced with the product unchanged; others stay bit for bit; what cannot fit is a
+    /// Limit error.
+    #[test]
+    fn factors_past_the_dtype_range_are_rebalanced_or_refused() {
+        let l0 = Mat::<f64>::from_fn(3, 2, |i, c| if c == 0 { 1e6 * (i + 1) as f64 } else { 0.5 });
+        let r0 = Mat::<f64>::from_fn(
+            4,
+            2,
+            |i, c| if c == 0 { 1e-6 * (i + 2) as f64 } else { 0.25 },
+        );
+        let (mut l, mut r) = (l0.clone(), r0.clone());
+        fit_dtype(&mut l, &mut r, "m", DType::F16).unwrap();
+        let limit = f64::from(half::f16::MAX) / 16.0;
+        assert!(l
+            .col(0)
+            .iter()
+            .chain(r.col(0).iter())
+            .all(|x| x.abs() <= limit));
+        let (want, got) = (&l0 * r0.transpose(), &l * r.transpose());
+        for i in 0..3 {
+            for j in 0..4 {
+                assert!((want[(i, j)] - got[(i, j)]).abs() <= 1e-12 * want[(i, j)].abs().max(1.0));
+            }
+        }
+        assert_eq!(
+            (l.col(1).to_owned(), r.col(1).to_owned()),
+            (l0.col(1).to_owned(), r0.col(1).to_owned())
+        );
+        // In f32 the same factors fit as they are.
+        let (mut l, mut r) = (l0.clone(), r0.clone());
+        fit_dtype(&mut l, &mut r, "m", DType::F32).unwrap();
+        assert_eq!((l, r), (l0, r0));
+        // A product too large for f16 on either side.
+        let mut l = Mat::<f64>::from_fn(1, 1, |_, _| 1e9);
+        let mut r = Mat::<f64>::from_fn(1, 1, |_, _| 1.0);
+        let e = fit_dtype(&mut l, &mut r, "m", DType::F16).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Limit);
+        assert!(e.message().contains("do not fit"), "{e}");
+    }
 }
