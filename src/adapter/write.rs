@@ -45,6 +45,58 @@ pub fn write_peft_dir(
             );
         }
     }
+    let config = peft_config(adapter, source)?;
+    let mut tensors = Vec::with_capacity(2 * adapter.modules.len());
+    for m in &adapter.modules {
+        let key = |ab: &str| format!("base_model.model.{}.lora_{ab}.weight", m.name);
+        tensors.push((
+            key("A"),
+            m.dtype,
+            vec![m.rank, m.in_features],
+            encode(&m.a, m.dtype),
+        ));
+        tensors.push((
+            key("B"),
+            m.dtype,
+            vec![m.out_features, m.rank],
+            encode(&m.b, m.dtype),
+        ));
+    }
+    let metadata = BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("intruder_gate".to_string(), provenance.to_string()),
+    ]);
+    let text = serde_json::to_string_pretty(&config).expect("a JSON map always serializes");
+
+    if dir.file_name().is_none() {
+        bail!(
+            InvalidArgument,
+            "{}: not a directory name to write an adapter to",
+            dir.display()
+        );
+    }
+    let parent = safetensors_file::parent_dir(dir);
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let stage = safetensors_file::temp_sibling(dir);
+    std::fs::create_dir(&stage).map_err(|e| Error::io(&stage, e))?;
+    let written = (|| {
+        safetensors_file::write(&stage.join(WEIGHTS), &tensors, &metadata)?;
+        let path = stage.join(CONFIG);
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        publish(&stage, dir)
+    })();
+    // Gone after a whole-directory rename; otherwise empty or holding the failed attempt.
+    let _ = std::fs::remove_dir_all(&stage);
+    safetensors_file::sync_dir(parent);
+    written
+}
+
+/// The `adapter_config.json` to write: `source`'s (when given) with the LoRA fields of
+/// `adapter` set (see [`write_peft_dir`]).
+fn peft_config(
+    adapter: &Adapter,
+    source: Option<&Path>,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
     let Some(top) = adapter.modules.iter().max_by_key(|m| m.rank) else {
         bail!(
             InvalidArgument,
@@ -103,49 +155,7 @@ pub fn write_peft_dir(
     config
         .entry("target_modules")
         .or_insert_with(|| leaves.into());
-    let mut tensors = Vec::with_capacity(2 * adapter.modules.len());
-    for m in &adapter.modules {
-        let key = |ab: &str| format!("base_model.model.{}.lora_{ab}.weight", m.name);
-        tensors.push((
-            key("A"),
-            m.dtype,
-            vec![m.rank, m.in_features],
-            encode(&m.a, m.dtype),
-        ));
-        tensors.push((
-            key("B"),
-            m.dtype,
-            vec![m.out_features, m.rank],
-            encode(&m.b, m.dtype),
-        ));
-    }
-    let metadata = BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("intruder_gate".to_string(), provenance.to_string()),
-    ]);
-    let text = serde_json::to_string_pretty(&config).expect("a JSON map always serializes");
-
-    if dir.file_name().is_none() {
-        bail!(
-            InvalidArgument,
-            "{}: not a directory name to write an adapter to",
-            dir.display()
-        );
-    }
-    let parent = safetensors_file::parent_dir(dir);
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let stage = safetensors_file::temp_sibling(dir);
-    std::fs::create_dir(&stage).map_err(|e| Error::io(&stage, e))?;
-    let written = (|| {
-        safetensors_file::write(&stage.join(WEIGHTS), &tensors, &metadata)?;
-        let path = stage.join(CONFIG);
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
-        publish(&stage, dir)
-    })();
-    // Gone after a whole-directory rename; otherwise empty or holding the failed attempt.
-    let _ = std::fs::remove_dir_all(&stage);
-    safetensors_file::sync_dir(parent);
-    written
+    Ok(config)
 }
 
 /// The modules that get `rank_pattern` / `alpha_pattern` keys, in the order they are written.
