@@ -33,9 +33,13 @@ fuzz_target!(|data: &[u8]| {
         Err(e) if e.kind() == ErrorKind::Limit && e.message().contains("do not fit") => return,
         Err(e) => panic!("an adapter that screened clamps: {e:?}"),
     };
-    let again = clamped
-        .to_adapter(clamped.dtype, None)
-        .expect("clamped factors form an adapter");
+    let again = match clamped.to_adapter(clamped.dtype, None) {
+        Ok(a) => a,
+        // The gate's bound ‖B''‖·‖A''‖ on the clamped update can exceed max_norm where the
+        // source's did not (a huge B column beside unit intruder rows): a clear Limit error.
+        Err(e) if e.kind() == ErrorKind::Limit && e.message().contains("max_norm") => return,
+        Err(e) => panic!("clamped factors form an adapter: {e:?}"),
+    };
     let after = gate.screen(&again).expect("a clamped adapter screens");
     check_report(&after);
     assert_eq!(after.modules.len(), report.modules.len());

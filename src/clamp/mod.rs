@@ -521,9 +521,9 @@ fn clamp_module(
 /// Makes every factor value representable in `dtype` (the module's own, which a written
 /// adapter keeps) without changing `L·Rᵀ`. A column pair whose values leave that range (a huge
 /// scale folded into `B` beside a tiny `A`: the product is within `max_norm`, the factor is
-/// not) is rebalanced to equal norms, which puts each side at the square root of the product's
-/// size; other columns stay exactly as assembled. What still does not fit is an error, never an
-/// infinity in the factors.
+/// not) makes every column pair rebalanced to equal norms, which puts each side at the square
+/// root of its product's size; factors already in range stay exactly as assembled. What still
+/// does not fit is an error, never an infinity in the factors.
 fn fit_dtype(l: &mut Mat<f64>, rt: &mut Mat<f64>, module: &str, dtype: DType) -> Result<()> {
     let largest = match dtype {
         DType::F16 => f64::from(half::f16::MAX),
@@ -532,19 +532,20 @@ fn fit_dtype(l: &mut Mat<f64>, rt: &mut Mat<f64>, module: &str, dtype: DType) ->
     };
     // Headroom for the rounding of the conversion.
     let range = largest / 16.0;
+    let peak = |m: &Mat<f64>, c: usize| m.col(c).iter().fold(0.0f64, |p, x| p.max(x.abs()));
+    if (0..l.ncols()).all(|c| peak(l, c) <= range && peak(rt, c) <= range) {
+        return Ok(());
+    }
+    // Every column, so that ‖B''‖_F·‖A''‖_F (the gate's bound on the update) is the sum of the
+    // columns' products and the clamped adapter passes `max_norm` like its source.
     for c in 0..l.ncols() {
-        let peak = |m: &Mat<f64>| m.col(c).iter().fold(0.0f64, |p, x| p.max(x.abs()));
-        let (pl, pr) = (peak(l), peak(rt));
-        if pl <= range && pr <= range {
-            continue;
-        }
         let (nl, nr) = (l.col(c).norm_l2(), rt.col(c).norm_l2());
         if nl > 0.0 && nr > 0.0 && nl.is_finite() && nr.is_finite() {
             let k = (nr / nl).sqrt();
             l.col_mut(c).iter_mut().for_each(|x| *x *= k);
             rt.col_mut(c).iter_mut().for_each(|x| *x /= k);
         }
-        if peak(l) > range || peak(rt) > range {
+        if peak(l, c) > range || peak(rt, c) > range {
             crate::bail!(
                 Limit,
                 "module {module}: the clamped factors do not fit {dtype:?} (a column of B''·A''ᵀ of size {:.1e})",
@@ -607,9 +608,9 @@ mod tests {
     use super::*;
 
     /// Fuzz finds `crash-clamp-f16-overflow` / `crash-clamp-f32-overflow` (fuzz/corpus): a huge
-    /// scale folded into B beside a tiny A gave factors past the dtype's range. Such a column is
-    /// rebalanced with the product unchanged; others stay bit for bit; what cannot fit is a
-    /// Limit error.
+    /// scale folded into B beside a tiny A gave factors past the dtype's range. The columns are
+    /// then rebalanced with the product unchanged; factors in range stay bit for bit; what
+    /// cannot fit is a Limit error.
     #[test]
     fn factors_past_the_dtype_range_are_rebalanced_or_refused() {
         let l0 = Mat::<f64>::from_fn(3, 2, |i, c| if c == 0 { 1e6 * (i + 1) as f64 } else { 0.5 });
@@ -632,10 +633,8 @@ mod tests {
                 assert!((want[(i, j)] - got[(i, j)]).abs() <= 1e-12 * want[(i, j)].abs().max(1.0));
             }
         }
-        assert_eq!(
-            (l.col(1).to_owned(), r.col(1).to_owned()),
-            (l0.col(1).to_owned(), r0.col(1).to_owned())
-        );
+        // The other column is balanced too, its product unchanged (checked above).
+        assert!((l.col(1).norm_l2() - r.col(1).norm_l2()).abs() <= 1e-12);
         // In f32 the same factors fit as they are.
         let (mut l, mut r) = (l0.clone(), r0.clone());
         fit_dtype(&mut l, &mut r, "m", DType::F32).unwrap();
