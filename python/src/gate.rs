@@ -8,6 +8,7 @@ use crate::tensors::{host_array, HostArray, Use};
 use intruder_gate::adapter::{Adapter, LoraModule};
 use intruder_gate::backend::BackendChoice;
 use intruder_gate::gate::{ScreenEvent, Solutions};
+use intruder_gate::report::Method;
 use intruder_gate::tensor::DType;
 use intruder_gate::{ClampMode, ClampOptions, Config, Error, ErrorKind, Policy, Target};
 use parking_lot::Mutex;
@@ -71,6 +72,15 @@ fn parse_backend(name: &str) -> PyResult<BackendChoice> {
     serde_json::from_value(serde_json::Value::String(name.into())).or_else(|_| {
         invalid(format!(
             "backend must be \"auto\", \"cpu\" or \"cuda\", got {name:?}"
+        ))
+    })
+}
+
+/// The CLI's `--method` names.
+fn parse_method(name: &str) -> PyResult<Method> {
+    serde_json::from_value(serde_json::Value::String(name.into())).or_else(|_| {
+        invalid(format!(
+            "method must be \"brand\", \"dense\" or \"auto\", got {name:?}"
         ))
     })
 }
@@ -151,7 +161,7 @@ fn event_dict<'py>(py: Python<'py>, ev: &ScreenEvent<'_>) -> PyResult<Bound<'py,
 #[pymethods]
 impl PyGate {
     #[new]
-    #[pyo3(signature = (base=None, *, top_k=10, epsilon=0.5, policy=None, cache_dir=CacheDir::Default, backend="auto", threads=None))]
+    #[pyo3(signature = (base=None, *, top_k=10, epsilon=0.5, policy=None, cache_dir=CacheDir::Default, backend="auto", threads=None, method="brand", seed=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -162,14 +172,21 @@ impl PyGate {
         cache_dir: CacheDir,
         backend: &str,
         threads: Option<i64>,
+        method: &str,
+        seed: Option<i128>,
     ) -> PyResult<Self> {
         let mut config = Config {
             top_k: non_negative("top_k", top_k)?,
             epsilon,
             policy: parse_policy(py, policy)?,
             backend: parse_backend(backend)?,
+            method: parse_method(method)?,
             ..Config::default()
         };
+        if let Some(seed) = seed {
+            config.seed = u64::try_from(seed)
+                .or_else(|_| invalid(format!("seed must be in 0..2**64, got {seed}")))?;
+        }
         match cache_dir {
             CacheDir::Default => {}
             CacheDir::Off => config.cache_dir = None,
@@ -211,6 +228,18 @@ impl PyGate {
         self.gate.config().epsilon
     }
 
+    /// "brand", "dense" or "auto".
+    #[getter]
+    fn method(&self) -> &'static str {
+        self.gate.config().method.label()
+    }
+
+    /// The randomized solver's sketch seed (`--tuned` and DoRA modules).
+    #[getter]
+    fn seed(&self) -> u64 {
+        self.gate.config().seed
+    }
+
     /// The disk cache directory, or None when disabled.
     #[getter]
     fn cache_dir(&self) -> Option<PathBuf> {
@@ -231,6 +260,15 @@ impl PyGate {
             this.gate.load_and_screen_with_solutions(&directory)
         })?;
         Ok(Self::report(slf, report, adapter, solutions))
+    }
+
+    /// A fully fine-tuned or merged checkpoint (a safetensors file, a sharded index or a model
+    /// directory) against the attached base, matrix by matrix: `scan --tuned`. The report has no
+    /// adapter to clamp.
+    fn screen_tuned(slf: &Bound<'_, Self>, path: PathBuf) -> PyResult<PyReport> {
+        let this = slf.get();
+        let report = detached(slf.py(), || this.gate.screen_tuned(&path))?;
+        Ok(Self::report(slf, report, None, Solutions::new()))
     }
 
     #[pyo3(signature = (modules, name="in-memory", *, fan_in_fan_out=false))]
@@ -294,15 +332,15 @@ impl PyGate {
             return invalid("this report was made by another Gate; clamp it with that one");
         }
         let Some(adapter) = report.adapter.clone() else {
-            let why = report
-                .report
-                .error
-                .as_ref()
-                .map(|e| e.message.clone())
-                .unwrap_or_default();
-            return invalid(format!(
-                "the adapter was rejected before it loaded ({why}); there is nothing to clamp"
-            ));
+            return invalid(match &report.report.error {
+                Some(e) => format!(
+                    "the adapter was rejected before it loaded ({}); there is nothing to clamp",
+                    e.message
+                ),
+                None => "this report screened a checkpoint (screen_tuned), not an adapter; \
+                         there is nothing to clamp"
+                    .to_string(),
+            });
         };
         let opts = ClampOptions {
             lambda: lam,

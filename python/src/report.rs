@@ -101,6 +101,16 @@ impl PyReport {
     fn schema_version(&self) -> u32 {
         self.report.schema_version
     }
+    /// The randomized solver's sketch seed, when any module used it.
+    #[getter]
+    fn seed(&self) -> Option<u64> {
+        self.report.seed
+    }
+    /// `--tuned`: the matrices byte-identical to the base (not screened).
+    #[getter]
+    fn unchanged(&self) -> Vec<String> {
+        self.report.unchanged.clone()
+    }
     #[getter]
     fn timings_ms(&self) -> BTreeMap<String, f64> {
         self.report.timings_ms.clone()
@@ -146,6 +156,12 @@ pub struct PyModuleReport {
     solver: String,
     base_spectrum: String,
     timings_ms: BTreeMap<String, f64>,
+    /// `--tuned`: the rank of `ΔW = W' − W0` when it was found to be low (a merged LoRA).
+    detected_rank: Option<usize>,
+    /// `--tuned` merged LoRA: `‖ΔW − L·Rᵀ‖_F / ‖ΔW‖_F`.
+    low_rank_residual: Option<f64>,
+    /// Randomized solver: the worst residual of the returned triplets, relative to σ₁.
+    residual: Option<f64>,
 }
 
 impl From<&intruder_gate::report::ModuleReport> for PyModuleReport {
@@ -165,6 +181,9 @@ impl From<&intruder_gate::report::ModuleReport> for PyModuleReport {
             solver: m.solver.label().to_string(),
             base_spectrum: m.base_spectrum.map_or("none", |s| s.label()).to_string(),
             timings_ms: m.timings_ms.clone(),
+            detected_rank: m.detected_rank,
+            low_rank_residual: m.low_rank_residual,
+            residual: m.residual,
         }
     }
 }

@@ -51,6 +51,9 @@ class ModuleReport:
     solver: str
     base_spectrum: str
     timings_ms: dict[str, float]
+    detected_rank: int | None
+    low_rank_residual: float | None
+    residual: float | None
 
 class Report:
     """A screening report; ``to_json()`` is the CLI's ``scan --format json``."""
@@ -87,6 +90,12 @@ class Report:
     @property
     def schema_version(self) -> int: ...
     @property
+    def seed(self) -> int | None:
+        """The randomized solver's sketch seed, when any module used it."""
+    @property
+    def unchanged(self) -> list[str]:
+        """``screen_tuned``: the matrices byte-identical to the base (not screened)."""
+    @property
     def timings_ms(self) -> dict[str, float]: ...
     @property
     def _gate(self) -> Gate: ...
@@ -120,7 +129,10 @@ class Gate:
     """A base model, a base-spectrum cache and a backend; screens adapters from any thread.
 
     ``cache_dir`` omitted: the library's default directory; ``None``: no disk cache.
-    ``threads=None``: one worker per core. Base tensors attached from memory are borrowed:
+    ``threads=None``: one worker per core. ``method``: the CLI's ``--method`` ("auto" is what
+    ``screen_tuned`` should use; "dense" is the float64 reference). ``seed``: of the randomized
+    solver's sketches (``screen_tuned``, DoRA modules); the same input and seed give the same
+    report. Base tensors attached from memory are borrowed:
     the gate keeps them alive and they must not be modified while it lives.
     """
 
@@ -134,9 +146,15 @@ class Gate:
         cache_dir: StrPath | None = ...,
         backend: Literal["auto", "cpu", "cuda"] = "auto",
         threads: int | None = None,
+        method: Literal["brand", "dense", "auto"] = "brand",
+        seed: int | None = None,
     ) -> None: ...
     @property
     def backend(self) -> Literal["cpu", "cuda"]: ...
+    @property
+    def method(self) -> Literal["brand", "dense", "auto"]: ...
+    @property
+    def seed(self) -> int: ...
     @property
     def top_k(self) -> int: ...
     @property
@@ -146,6 +164,8 @@ class Gate:
     def attach_base(self, path: StrPath) -> None: ...
     def attach_base_tensors(self, tensors: Mapping[str, Tensor]) -> None: ...
     def screen_adapter(self, directory: StrPath) -> Report: ...
+    def screen_tuned(self, path: StrPath) -> Report:
+        """A fully fine-tuned or merged checkpoint against the base (``scan --tuned``)."""
     def screen(
         self,
         modules: Mapping[str, tuple[Tensor, Tensor, float]],
