@@ -81,7 +81,7 @@ fn columns(v: &[f64], len: usize, k: usize) -> Mat<f64> {
     Mat::from_fn(len, k, |i, j| v[j * len + i])
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cuda"))]
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
@@ -90,7 +90,6 @@ mod tests {
 
     /// The device code path (on host models of every CUDA call) against the CPU solver on the
     /// same stored matrix: the same σ and vectors, both residual tests met.
-    #[cfg(feature = "cuda")]
     #[test]
     fn the_device_path_equals_the_cpu_solver() {
         let (rows, cols, k) = (150, 220, 6);
