@@ -587,22 +587,6 @@ mod tests {
     use crate::backend::LowRankTerm;
     use crate::tensor::{encode, DType};
 
-    /// Row-major rows×cols `U·diag(σ)·Vᵀ` with random orthonormal U, V.
-    fn with_spectrum(rows: usize, cols: usize, sigma: &[f64], seed: u64) -> Vec<f64> {
-        let r = sigma.len();
-        let (u, _) = host_geqrf_orgqr(random(rows * r, seed), rows, r);
-        let (v, _) = host_geqrf_orgqr(random(cols * r, seed + 1), cols, r);
-        let mut w = vec![0.0; rows * cols];
-        for (t, s) in sigma.iter().enumerate() {
-            for i in 0..rows {
-                for j in 0..cols {
-                    w[i * cols + j] += u[i + t * rows] * s * v[j + t * cols];
-                }
-            }
-        }
-        w
-    }
-
     /// Reference σ (descending) from the Gram matrix of the smaller side, by Jacobi.
     fn reference_sigma(w: &[f64], rows: usize, cols: usize) -> Vec<f64> {
         let (n, wide) = (rows.min(cols), rows <= cols);

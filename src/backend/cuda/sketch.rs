@@ -330,22 +330,6 @@ mod tests {
         w.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
-    /// `U diag(σ) Vᵀ` (rows × cols, row-major) with random orthonormal U, V.
-    fn with_spectrum(rows: usize, cols: usize, sigma: &[f64], seed: u64) -> Vec<f64> {
-        let r = sigma.len();
-        let (u, _) = host_geqrf_orgqr(random(rows * r, seed), rows, r);
-        let (v, _) = host_geqrf_orgqr(random(cols * r, seed + 1), cols, r);
-        let mut w = vec![0.0; rows * cols];
-        for (t, s) in sigma.iter().enumerate() {
-            for i in 0..rows {
-                for j in 0..cols {
-                    w[i * cols + j] += u[i + t * rows] * s * v[j + t * cols];
-                }
-            }
-        }
-        w
-    }
-
     fn frobenius(w: &[f64]) -> f64 {
         w.iter().map(|x| x * x).sum::<f64>().sqrt()
     }
