@@ -3,7 +3,8 @@
 # binaries from $IG_PREBUILT), runs the CUDA tests, then times `index` and a warm `scan` on a
 # synthetic Llama-7B-shaped model generated on the spot (LAYERS × q,k,v,o,gate,up,down; r=16,
 # all-linear), CPU against GPU where the CPU part is affordable, and prints one table, with the
-# randomized top-k solver's device rows (from its device test on a Llama-shaped bf16 layer).
+# randomized top-k solver's and the rank-revealing sketch's device rows (from their device tests
+# on Llama-shaped bf16 layers: a fine-tuned one, and a merged LoRA for `scan --tuned`).
 # IG_REQUIRE_CUDA=1: a CUDA test that cannot open the device fails instead of skipping.
 #
 #   scripts/gpu-check.sh            # LAYERS=32 by default; WORK=dir keeps the files;
@@ -54,6 +55,8 @@ for t in "${TESTS[@]}"; do
 done
 # The randomized solver's device row, printed by its device test (empty with SKIP_TESTS).
 rsvd_row=$(grep -h '^gpu-check randomized:' "$WORK/tests.log" | sed 's/^gpu-check randomized: //' | tail -1 || true)
+# The rank-revealing sketch's device row (`scan --tuned` on a merged checkpoint), likewise.
+merged_row=$(grep -h '^gpu-check merged:' "$WORK/tests.log" | sed 's/^gpu-check merged: //' | tail -1 || true)
 
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2-$1:.2f}')"; }
@@ -81,11 +84,12 @@ gpu_index_l0=$(secs $t0 $t1)
 "$BIN" scan --base "$B" --adapter "$WORK/llama/adapter-layer0" --cache-dir "$WORK/cache-cpu" --backend cpu --format json > "$WORK/l0-cpu.json"
 "$BIN" scan --base "$B" --adapter "$WORK/llama/adapter-layer0" --cache-dir "$WORK/cache-gpu32" --backend cuda --format json > "$WORK/l0-gpu.json"
 
-python3 - "$WORK" "$device" "$driver" "$LAYERS" "$gpu_index" "$gpu_scan" "$cpu_scan" "$cpu_index_l0" "$gpu_index_l0" "${rsvd_row:-}" <<'PY'
+python3 - "$WORK" "$device" "$driver" "$LAYERS" "$gpu_index" "$gpu_scan" "$cpu_scan" "$cpu_index_l0" "$gpu_index_l0" "${rsvd_row:-}" "${merged_row:-}" <<'PY'
 import json, sys
 work, device, driver, layers = sys.argv[1:5]
 gpu_index, gpu_scan, cpu_scan, cpu_l0, gpu_l0 = map(float, sys.argv[5:10])
 rsvd_row = sys.argv[10] or "unmeasured (tests skipped)"
+merged_row = sys.argv[11] or "unmeasured (tests skipped)"
 layers = int(layers)
 load = lambda n: json.load(open(f"{work}/{n}"))
 c, g = load("l0-cpu.json"), load("l0-gpu.json")
@@ -104,5 +108,5 @@ print(f"| verdicts CPU vs GPU (layer 0) | {'identical' if same else 'DIFFERENT'}
 print(f"| max abs diff of max_cos, CPU vs GPU spectra (layer 0) | {dcos:.2e} |")
 print(f"| intruders found (all layers): CPU scan / GPU scan | {cs['total_intruders']} / {gs['total_intruders']} |")
 print(f"| randomized top-k on the device (Philox sketch, DGEMM, QR, syevd; residuals host-checked) | {rsvd_row} |")
-print("| randomized `scan --tuned --backend cuda`, merged / full-FT layer | unmeasured: spectrum::tuned reaches the device solver, the gate does not call spectrum::tuned yet |")
+print(f"| rank-revealing sketch of W' − W0 on the device (`scan --tuned --backend cuda`, merged layer; residual host-checked) | {merged_row} |")
 PY

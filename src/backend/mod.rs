@@ -4,6 +4,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod sketch;
 
 use crate::error::Result;
 use crate::floats::Floats;
@@ -48,6 +49,16 @@ pub trait Backend: Send + Sync {
         _op: &DeviceOperator<'_>,
         _params: &TopKParams,
     ) -> Result<Option<DeviceTopK>> {
+        Ok(None)
+    }
+    /// The rank-revealing sketch of `op` (dense terms only: `W' − W0`) on this backend's device,
+    /// when it has one: `None` means "run the CPU sketch". It takes the CPU sketch's decisions
+    /// ([`sketch::SketchRule`]) on the device's numbers.
+    fn low_rank_sketch(
+        &self,
+        _op: &DeviceOperator<'_>,
+        _params: &SketchParams,
+    ) -> Result<Option<DeviceSketch>> {
         Ok(None)
     }
 }
@@ -100,6 +111,40 @@ pub struct DeviceTopK {
     /// False when the basis reached its cap (or the explicit check failed) first: the caller
     /// runs the dense fallback and names it in the report.
     pub converged: bool,
+}
+
+/// Settings of the rank-revealing sketch (the CPU sketch's `LowRankParams`, plus the norm of
+/// the operator and the two tolerances of its decisions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SketchParams {
+    /// `‖op‖_F`.
+    pub frobenius: f64,
+    /// The largest `‖op − L·Rᵀ‖_F` accepted.
+    pub threshold: f64,
+    /// Singular values of the sketch up to this are noise, and dropped (within the threshold).
+    pub floor: f64,
+    pub max_rank: usize,
+    pub first_block: usize,
+    pub oversampling: usize,
+    /// Round `i` sketches with `seed + i`.
+    pub seed: u64,
+}
+
+/// What the sketch decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceSketch {
+    /// `op ≈ L·Rᵀ`: `left` holds `rank` orthonormal vectors of length rows (contiguous, i.e. a
+    /// column-major rows×rank matrix), `right` `rank` vectors of length cols, descending in
+    /// their norms (the revealed singular values); `residual` is `‖op − L·Rᵀ‖_F`.
+    LowRank {
+        left: Vec<f64>,
+        right: Vec<f64>,
+        rank: usize,
+        residual: f64,
+    },
+    /// More than `max_rank` directions needed: `sketched` columns used before deciding, and
+    /// `‖(I − QQᵀ)op‖_F` of the last sketch.
+    NotLowRank { sketched: usize, residual: f64 },
 }
 
 /// Which backend to use; `Auto` picks CUDA when a device can be opened, else the CPU.

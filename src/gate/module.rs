@@ -6,7 +6,7 @@ use super::base_set::BaseSet;
 use super::plan::Job;
 use super::{ms, Gate};
 use crate::adapter::{Adapter, LoraModule};
-use crate::backend::Spectrum;
+use crate::backend::{DeviceOperator, LowRankTerm, Spectrum};
 use crate::error::Result;
 use crate::report::{classify, Method, ModuleReport};
 use crate::spectrum::brand::{self, BrandSolution, Update};
@@ -219,7 +219,8 @@ impl Gate {
 
     /// A DoRA module: `W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row` is not a low-rank update of
     /// `W0`, so no Brand update: the randomized solver on `W'` as an operator against the cached
-    /// base spectrum, or (`Method::Dense`) the f64 SVDs of `W0` and the materialised `W'`.
+    /// base spectrum (on the backend's device when it has one and the base is stored `[out, in]`),
+    /// or (`Method::Dense`) the f64 SVDs of `W0` and the materialised `W'`.
     fn run_dora(&self, job: &Job<'_>) -> Result<(ModuleReport, Option<String>)> {
         let lora = job.lora;
         let magnitude = lora.magnitude.as_deref().expect("a DoRA module");
@@ -251,13 +252,20 @@ impl Gate {
         } else {
             let (base, source, warning) = self.job_base(job, &mut timings)?;
             let t = Instant::now();
-            let s = tuned::screen_operator(
-                self.backend.as_ref(),
-                &base,
-                &op,
-                k + 1,
-                &self.randomized_params(),
-            )?;
+            let (backend, params) = (self.backend.as_ref(), self.randomized_params());
+            // On the device, when the backend has one: W0 as stored (not transposed), the
+            // factors and d = m / ‖W0 + s·B·A‖_row, i.e. diag(d)·(W0 + s·B·A).
+            let on_device = if job.transposed {
+                None
+            } else {
+                let factors = DoraFactors::new(lora);
+                let dora = factors.operator(lora, job.w0, &parts.row_scale);
+                tuned::screen_on_device(backend, &base, &dora, k + 1, &params)?
+            };
+            let s = match on_device {
+                Some(s) => s,
+                None => tuned::screen_operator(backend, &base, &op, k + 1, &params)?,
+            };
             timings.insert("update".into(), ms(t));
             (s, Some(source), warning)
         };
@@ -515,6 +523,44 @@ fn transpose_spectrum(s: &Spectrum) -> Spectrum {
     }
 }
 
+/// A DoRA module's factors in f64, for its device operator.
+struct DoraFactors {
+    b: Vec<f64>,
+    a: Vec<f64>,
+}
+
+impl DoraFactors {
+    fn new(lora: &LoraModule) -> DoraFactors {
+        let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect();
+        DoraFactors {
+            b: f64s(&lora.b),
+            a: f64s(&lora.a),
+        }
+    }
+
+    /// `W' = diag(d)·(W0 + s·B·A)` for the base `w0` stored `[out, in]` and `d = m / ‖W0 +
+    /// s·B·A‖_row` ([`DoraParts::row_scale`]).
+    fn operator<'a>(
+        &'a self,
+        lora: &LoraModule,
+        w0: TensorRef<'a>,
+        row_scale: &'a [f64],
+    ) -> DeviceOperator<'a> {
+        DeviceOperator {
+            rows: lora.out_features,
+            cols: lora.in_features,
+            dense: vec![(1.0, w0)],
+            low_rank: Some(LowRankTerm {
+                b: &self.b,
+                a: &self.a,
+                rank: lora.rank,
+                scale: lora.scale,
+            }),
+            row_scale: Some(row_scale),
+        }
+    }
+}
+
 /// Clamping needs the Brand quantities of `W0 + s·B·A`; a DoRA module's weight is not that.
 pub(crate) fn refuse_dora(adapter: &Adapter) -> Result<()> {
     match adapter.modules.iter().find(|m| m.magnitude.is_some()) {
@@ -540,4 +586,89 @@ fn check_base_values(name: &str, w0: &TensorRef<'_>, limits: &crate::limits::Lim
         );
     }
     Ok(())
+}
+
+/// DoRA's device operator as `run_dora` builds it, solved on the host models of every CUDA call,
+/// against the dense f64 SVD of the materialised `W'` (PEFT's definition, `DoraOp`).
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::HostModelBackend;
+    use crate::spectrum::device;
+    use crate::spectrum::randomized::gaussian_block;
+    use crate::tensor::{encode, DType};
+
+    #[test]
+    fn dora_on_the_device_path_equals_the_dense_svd_of_the_materialised_weight() {
+        let (out, inn, r, k) = (90, 130, 4, 6);
+        // A decaying base, Σ 0.7^t g_t h_tᵀ: well-separated top singular values.
+        let (g, h) = (gaussian_block(out, 30, 1), gaussian_block(inn, 30, 2));
+        let w0f: Vec<f32> = (0..out * inn)
+            .map(|ij| {
+                let (i, j) = (ij / inn, ij % inn);
+                (0..30)
+                    .map(|t| 0.7f64.powi(t) * g[(i, t as usize)] * h[(j, t as usize)])
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let (ga, gb) = (gaussian_block(r, inn, 3), gaussian_block(out, r, 4));
+        for dtype in [DType::F32, DType::BF16] {
+            let bytes = encode(&w0f, dtype);
+            let w0 = TensorRef::new(dtype, out, inn, &bytes).unwrap();
+            let base = DenseOp::from_row_major(&w0.to_f64(), out, inn);
+            let mut lora = LoraModule {
+                name: "m".into(),
+                rank: r,
+                in_features: inn,
+                out_features: out,
+                a: (0..r * inn)
+                    .map(|t| ga[(t / inn, t % inn)] as f32)
+                    .collect(),
+                b: (0..out * r)
+                    .map(|t| 0.5 * gb[(t / r, t % r)] as f32)
+                    .collect(),
+                alpha: 8.0,
+                scale: 2.0,
+                dtype: DType::F32,
+                magnitude: None,
+            };
+            // As PEFT initialises it (the row norms of W0 + s·B·A), then perturbed so that the
+            // rescaling changes the spectrum.
+            let ones = vec![1.0f32; out];
+            let norms = DoraParts::new(&base, &lora.a, &lora.b, r, lora.scale, &ones)
+                .unwrap()
+                .row_scale;
+            let magnitude: Vec<f32> = (0..out)
+                .map(|i| ((1.0 + 0.4 * (i % 5) as f64) / norms[i]) as f32)
+                .collect();
+            lora.magnitude = Some(magnitude.clone());
+            let parts = DoraParts::new(&base, &lora.a, &lora.b, r, lora.scale, &magnitude).unwrap();
+            let factors = DoraFactors::new(&lora);
+            let op = factors.operator(&lora, w0, &parts.row_scale);
+            let got = device::top_k(&HostModelBackend, &op, k, &RandomizedParams::default())
+                .unwrap()
+                .expect("converged on the device path");
+            let want = materialise(&parts.operator()).thin_svd().unwrap();
+            let s = want.S().column_vector();
+            for j in 0..k {
+                assert!(
+                    (got.triplets.sigma[j] - s[j]).abs() <= 1e-9 * s[0],
+                    "{dtype:?} σ{j}: {} vs {}",
+                    got.triplets.sigma[j],
+                    s[j]
+                );
+                let cos = |x: faer::ColRef<'_, f64>, y: faer::ColRef<'_, f64>| {
+                    (0..x.nrows()).map(|i| x[i] * y[i]).sum::<f64>().abs()
+                };
+                let (cu, cv) = (
+                    cos(got.triplets.x.col(j), want.U().col(j)),
+                    cos(got.triplets.y.col(j), want.V().col(j)),
+                );
+                assert!(
+                    cu > 1.0 - 1e-8 && cv > 1.0 - 1e-8,
+                    "{dtype:?} {j}: |cos| {cu} {cv}"
+                );
+            }
+        }
+    }
 }

@@ -1,30 +1,32 @@
-//! The randomized solve on the backend's device, when it has one (CUDA): the plan and stopping
-//! rule of [`randomized::top_k`], run by `Backend::randomized_top_k`, returned in the CPU
-//! solver's types. `None` means "run the CPU solver": no device solver, an operator too small
-//! for the Krylov block, or a device solve that reached its basis cap first (the CPU solver then
-//! ends in its named dense fallback).
+//! The randomized solves on the backend's device, when it has one (CUDA), returned in the CPU
+//! solvers' types:
+//!
+//! * [`top_k`]: the plan and stopping rule of [`randomized::top_k`], run by
+//!   `Backend::randomized_top_k` on any [`DeviceOperator`] (a tuned `W'`, DoRA's
+//!   `diag(d)·(W0 + s·B·A)`);
+//! * [`low_rank`]: the rank-revealing sketch of [`randomized::low_rank`] (its decisions are the
+//!   shared `SketchRule`'s), run by `Backend::low_rank_sketch` on `W' − W0`.
+//!
+//! `None` means "run the CPU solver": no device solver, an operator too small for the Krylov
+//! block, or a device solve that reached its basis cap first (the CPU solver then ends in its
+//! named dense fallback).
+//!
+//! [`randomized::top_k`]: super::randomized::top_k
+//! [`randomized::low_rank`]: super::randomized::low_rank
 
 use super::krylov::Triplets;
-use super::randomized::{RandomizedParams, RandomizedSvd, Solver};
-use crate::backend::{Backend, DeviceOperator, TopKParams};
+use super::randomized::{LowRank, NotLowRank, RandomizedParams, RandomizedSvd, Solver};
+use crate::backend::{Backend, DeviceOperator, DeviceSketch, SketchParams, TopKParams};
 use crate::error::Result;
-use crate::tensor::TensorRef;
 use faer::Mat;
 
-/// Top `k` of the stored matrix `w` on `backend`'s device.
+/// Top `k` of `op` on `backend`'s device.
 pub fn top_k(
     backend: &dyn Backend,
-    w: &TensorRef<'_>,
+    op: &DeviceOperator<'_>,
     k: usize,
     p: &RandomizedParams,
 ) -> Result<Option<RandomizedSvd>> {
-    let op = DeviceOperator {
-        rows: w.rows,
-        cols: w.cols,
-        dense: vec![(1.0, *w)],
-        low_rank: None,
-        row_scale: None,
-    };
     let params = TopKParams {
         k,
         oversampling: p.oversampling,
@@ -32,18 +34,18 @@ pub fn top_k(
         max_basis: p.max_basis,
         seed: p.seed,
     };
-    let Some(t) = backend.randomized_top_k(&op, &params)? else {
+    let Some(t) = backend.randomized_top_k(op, &params)? else {
         return Ok(None);
     };
     if !t.converged {
         return Ok(None);
     }
-    let (rows, cols, k) = (w.rows, w.cols, t.sigma.len());
+    let (rows, cols, k) = (op.rows, op.cols, t.sigma.len());
     Ok(Some(RandomizedSvd {
         triplets: Triplets {
             sigma: t.sigma,
-            x: Mat::from_fn(rows, k, |i, j| t.x[j * rows + i]),
-            y: Mat::from_fn(cols, k, |i, j| t.y[j * cols + i]),
+            x: columns(&t.x, rows, k),
+            y: columns(&t.y, cols, k),
         },
         left_residuals: t.left_residuals,
         right_residuals: t.right_residuals,
@@ -52,16 +54,42 @@ pub fn top_k(
     }))
 }
 
-#[cfg(test)]
+/// The rank-revealing sketch of `op` (dense terms: `W' − W0`) on `backend`'s device.
+pub fn low_rank(
+    backend: &dyn Backend,
+    op: &DeviceOperator<'_>,
+    p: &SketchParams,
+) -> Result<Option<std::result::Result<LowRank, NotLowRank>>> {
+    Ok(backend.low_rank_sketch(op, p)?.map(|s| match s {
+        DeviceSketch::LowRank {
+            left,
+            right,
+            rank,
+            residual,
+        } => Ok(LowRank {
+            left: columns(&left, op.rows, rank),
+            right: columns(&right, op.cols, rank),
+            rank,
+            residual,
+        }),
+        DeviceSketch::NotLowRank { sketched, residual } => Err(NotLowRank { sketched, residual }),
+    }))
+}
+
+/// `k` contiguous vectors of length `len` as the columns of a len × k matrix.
+fn columns(v: &[f64], len: usize, k: usize) -> Mat<f64> {
+    Mat::from_fn(len, k, |i, j| v[j * len + i])
+}
+
+#[cfg(all(test, feature = "cuda"))]
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::spectrum::randomized::{self, DenseOp};
-    use crate::tensor::{encode, DType};
+    use crate::tensor::{encode, DType, TensorRef};
 
     /// The device code path (on host models of every CUDA call) against the CPU solver on the
     /// same stored matrix: the same σ and vectors, both residual tests met.
-    #[cfg(feature = "cuda")]
     #[test]
     fn the_device_path_equals_the_cpu_solver() {
         let (rows, cols, k) = (150, 220, 6);
@@ -87,13 +115,19 @@ mod tests {
             })
             .collect();
         let bytes = encode(&w, DType::F32);
-        let t = TensorRef::new(DType::F32, rows, cols, &bytes).unwrap();
+        let op = DeviceOperator {
+            rows,
+            cols,
+            dense: vec![(1.0, TensorRef::new(DType::F32, rows, cols, &bytes).unwrap())],
+            low_rank: None,
+            row_scale: None,
+        };
         let p = RandomizedParams::default();
         assert!(
-            top_k(&CpuBackend, &t, k, &p).unwrap().is_none(),
+            top_k(&CpuBackend, &op, k, &p).unwrap().is_none(),
             "the CPU backend has no device"
         );
-        let dev = top_k(&crate::backend::cuda::HostModelBackend, &t, k, &p)
+        let dev = top_k(&crate::backend::cuda::HostModelBackend, &op, k, &p)
             .unwrap()
             .expect("converged on the device path");
         let cpu = randomized::top_k(&DenseOp::from_row_major(&w, rows, cols), k, &p).unwrap();

@@ -26,6 +26,8 @@ use super::operators::Transposed;
 pub use super::operators::{materialise, DenseOp, DoraOp, DoraParts, LowRankOp, RowScaledOp};
 use super::orthonormalize::orthonormalize_into;
 pub use super::rng::gaussian_block;
+use crate::backend::sketch::{Round, SketchRule, Step};
+use crate::backend::SketchParams;
 use crate::error::Result;
 use faer::{Mat, MatRef};
 
@@ -303,6 +305,21 @@ impl Default for LowRankParams {
     }
 }
 
+impl LowRankParams {
+    /// The sketch's settings for an operator of norm `frobenius` (the device's form).
+    pub fn sketch(&self, frobenius: f64, threshold: f64, floor: f64) -> SketchParams {
+        SketchParams {
+            frobenius,
+            threshold,
+            floor,
+            max_rank: self.max_rank,
+            first_block: self.first_block,
+            oversampling: self.oversampling,
+            seed: self.seed,
+        }
+    }
+}
+
 /// `ΔW ≈ L·Rᵀ`: `left` rows × r with orthonormal columns, `right` cols × r.
 pub struct LowRank {
     pub left: Mat<f64>,
@@ -332,6 +349,7 @@ pub struct NotLowRank {
 /// `max_rank`, or the energy still outside the sketch exceeds twice what the directions left
 /// could hold at the rate the last round captured. Those early answers are estimates; a wrong
 /// one costs only time (the caller then solves `W'` itself), never a wrong factorisation.
+/// The decisions are [`SketchRule`]'s, which the device sketch takes too.
 pub fn low_rank(
     op: &DenseOp,
     frobenius: f64,
@@ -340,18 +358,16 @@ pub fn low_rank(
     p: &LowRankParams,
 ) -> std::result::Result<LowRank, NotLowRank> {
     let (rows, cols) = (op.rows(), op.cols());
-    let total = frobenius * frobenius;
-    let cap = (p.max_rank + p.oversampling).min(rows.min(cols));
+    let rule = SketchRule::new(rows, cols, &p.sketch(frobenius, threshold, floor));
     let mut q = Mat::<f64>::zeros(rows, 0);
     let mut bt = Mat::<f64>::zeros(cols, 0);
     let (mut m, mut captured, mut round) = (0usize, 0.0f64, 0u64);
     loop {
-        let take = if m == 0 { p.first_block } else { m }.min(cap - m);
-        let tail2 = (total - captured).max(0.0);
+        let take = rule.take(m);
         if take == 0 {
             return Err(NotLowRank {
                 sketched: m,
-                residual: tail2.sqrt(),
+                residual: rule.tail2(captured).sqrt(),
             });
         }
         let omega = gaussian_block(cols, take, p.seed.wrapping_add(round));
@@ -366,46 +382,42 @@ pub fn low_rank(
             q.as_ref().subcols(m, added),
             bt.as_mut().subcols_mut(m, added),
         );
-        let before = captured;
-        captured += (m..m + added).map(|j| norm(bt.col(j)).powi(2)).sum::<f64>();
+        let gained = (m..m + added).map(|j| norm(bt.col(j)).powi(2)).sum::<f64>();
+        captured += gained;
         m += added;
-        let mut tail2 = (total - captured).max(0.0);
-        // `‖op‖² − ‖Qᵀop‖²` cancels: when it gets near the threshold (f32 storage rounding can be
-        // 1e-13 of ‖ΔW‖²), the decision is taken on the residual itself, formed explicitly.
-        if tail2 <= 1e-6 * total || added < take {
+        let mut tail2 = rule.tail2(captured);
+        if rule.wants_explicit(tail2, added, take) {
             tail2 = op.residual_squared(q.as_ref(), bt.as_ref());
         }
-        if tail2 <= threshold * threshold || added < take {
-            // Nothing of `op` is left outside the sketch but the threshold's worth (or the
-            // sketch stopped growing: `op` lies in its span).
-            return Ok(reveal(q, bt, tail2, threshold, floor));
-        }
-        if round == 1 {
-            // Hutchinson: E‖opᵀ op ω‖² = Σσ⁴, and opᵀ Y = Bt (Qᵀ Y) since Y lies in span(Q).
+        let numbers = Round {
+            m,
+            added,
+            take,
+            gained,
+            tail2,
+            first: round == 1,
+        };
+        // Hutchinson: opᵀ Y = Bt (Qᵀ Y) since Y lies in span(Q).
+        let s4 = || {
             let qty = mul(q.transpose(), y.as_ref());
-            let s4 = mul(bt.as_ref(), qty.as_ref()).squared_norm_l2() / take as f64;
-            if s4 > 0.0 && total * total / s4 > 2.0 * p.max_rank as f64 {
+            Ok(mul(bt.as_ref(), qty.as_ref()).squared_norm_l2() / take as f64)
+        };
+        let Ok(step) = rule.step::<std::convert::Infallible>(numbers, s4);
+        match step {
+            Step::Reveal => return Ok(reveal(q, bt, tail2, &rule)),
+            Step::NotLowRank => {
                 return Err(NotLowRank {
                     sketched: m,
                     residual: tail2.sqrt(),
-                });
+                })
             }
-        }
-        let rate = (captured - before) / added as f64;
-        let room = p.max_rank.saturating_sub(m) as f64;
-        if tail2 - threshold * threshold > 2.0 * room * rate {
-            return Err(NotLowRank {
-                sketched: m,
-                residual: tail2.sqrt(),
-            });
+            Step::Continue => {}
         }
     }
 }
 
-/// `op ≈ Q·Btᵀ = (Q V) Σ Uᵀ` from the SVD `Bt = U Σ Vᵀ`, truncated to the smallest rank whose
-/// dropped singular values are at most `floor` each and keep the total residual within
-/// `threshold`.
-fn reveal(q: Mat<f64>, bt: Mat<f64>, outside2: f64, threshold: f64, floor: f64) -> LowRank {
+/// `op ≈ Q·Btᵀ = (Q V) Σ Uᵀ` from the SVD `Bt = U Σ Vᵀ`, truncated by [`SketchRule::truncate`].
+fn reveal(q: Mat<f64>, bt: Mat<f64>, outside2: f64, rule: &SketchRule) -> LowRank {
     let m = q.ncols();
     if m == 0 {
         return LowRank {
@@ -417,15 +429,8 @@ fn reveal(q: Mat<f64>, bt: Mat<f64>, outside2: f64, threshold: f64, floor: f64) 
     }
     let svd = bt.thin_svd().expect("SVD of a sketch converges");
     let s = svd.S().column_vector();
-    let mut dropped = outside2;
-    let mut rank = s.nrows();
-    while rank > 0
-        && s[rank - 1] <= floor
-        && dropped + s[rank - 1] * s[rank - 1] <= threshold * threshold
-    {
-        rank -= 1;
-        dropped += s[rank] * s[rank];
-    }
+    let sigma: Vec<f64> = (0..s.nrows()).map(|i| s[i]).collect();
+    let (rank, dropped) = rule.truncate(&sigma, outside2);
     let left = mul(q.as_ref(), svd.V().subcols(0, rank));
     let right = Mat::from_fn(bt.nrows(), rank, |i, j| svd.U()[(i, j)] * s[j]);
     LowRank {

@@ -5,14 +5,16 @@
 //! For a checkpoint, a randomized rank-revealing sketch of `ΔW = W' − W0` decides first: when
 //! ΔW is of low rank (a merged LoRA), it is factored and the exact Brand update runs on it;
 //! otherwise the top k of `W'` come from the randomized solver and are compared with the cached
-//! base vectors `U0`.
+//! base vectors `U0`. With a device backend the sketch and the top-k solve run on the device
+//! (`spectrum::device`), and the Brand update's projections too (`Backend::project`); the CPU
+//! solvers run whenever the device declines.
 
 use super::brand::{self, Update};
 use super::krylov::Triplets;
 use super::params::SolverParams;
 use super::randomized::{self, DenseOp, LowRankParams, Operator, RandomizedParams, RandomizedSvd};
 use super::Solver;
-use crate::backend::{Backend, Spectrum};
+use crate::backend::{Backend, DeviceOperator, Spectrum};
 use crate::error::Result;
 use crate::tensor::{DType, TensorRef};
 
@@ -55,15 +57,11 @@ pub fn screen_checkpoint_matrix(
     let (rows, cols) = (w0.rows, w0.cols);
     let (a0, a1) = (w0.to_f32(), w1.to_f32());
     let (mut fro_delta, mut fro_w1) = (0.0f64, 0.0f64);
-    let delta_op = DenseOp::from_rows(rows, cols, |i, row| {
-        let (r0, r1) = (&a0[i * cols..(i + 1) * cols], &a1[i * cols..(i + 1) * cols]);
-        for ((d, &x0), &x1) in row.iter_mut().zip(r0).zip(r1) {
-            *d = x1 as f64 - x0 as f64;
-            fro_delta += *d * *d;
-            fro_w1 += (x1 as f64) * (x1 as f64);
-        }
-    });
-    drop(a0);
+    for (&x0, &x1) in a0.iter().zip(&a1) {
+        let d = x1 as f64 - x0 as f64;
+        fro_delta += d * d;
+        fro_w1 += (x1 as f64) * (x1 as f64);
+    }
     let (fro_delta, fro_w1) = (fro_delta.sqrt(), fro_w1.sqrt());
     // What storing W' in its dtype may have changed (≤ u·|w'| per entry), plus the arithmetic
     // slack of the solver's tolerance: a residual below this is not a property of the weights.
@@ -81,9 +79,31 @@ pub fn screen_checkpoint_matrix(
     // is about ‖N‖_F·(1/√rows + 1/√cols); its entries scale with |w'|, not uniformly, so 4×
     // that. A singular value of ΔW above it is the weights', and kept.
     let floor = 4.0 * threshold * (1.0 / (rows as f64).sqrt() + 1.0 / (cols as f64).sqrt());
-    match randomized::low_rank(&delta_op, fro_delta, threshold, floor, &lr) {
+    // ΔW = W' − W0 on the device when the backend has one (both uploaded once, as one f64
+    // matrix), else formed here in f64.
+    let delta = DeviceOperator {
+        rows,
+        cols,
+        dense: vec![(1.0, *w1), (-1.0, *w0)],
+        low_rank: None,
+        row_scale: None,
+    };
+    let sketch = lr.sketch(fro_delta, threshold, floor);
+    let decided = match super::device::low_rank(backend, &delta, &sketch)? {
+        Some(decided) => decided,
+        None => {
+            let delta_op = DenseOp::from_rows(rows, cols, |i, row| {
+                let (r0, r1) = (&a0[i * cols..(i + 1) * cols], &a1[i * cols..(i + 1) * cols]);
+                for ((d, &x0), &x1) in row.iter_mut().zip(r0).zip(r1) {
+                    *d = x1 as f64 - x0 as f64;
+                }
+            });
+            randomized::low_rank(&delta_op, fro_delta, threshold, floor, &lr)
+        }
+    };
+    drop(a0);
+    match decided {
         Ok(f) => {
-            drop(delta_op);
             let r = f.rank;
             if r == 0 {
                 // ΔW is within the storage rounding of W': as far as its dtype can tell, W' is
@@ -131,9 +151,15 @@ pub fn screen_checkpoint_matrix(
             })
         }
         Err(_) => {
-            drop(delta_op);
-            if let Some(svd) = super::device::top_k(backend, w1, want, params)? {
-                return screened(backend, base, svd);
+            let tuned = DeviceOperator {
+                rows,
+                cols,
+                dense: vec![(1.0, *w1)],
+                low_rank: None,
+                row_scale: None,
+            };
+            if let Some(s) = screen_on_device(backend, base, &tuned, want, params)? {
+                return Ok(s);
             }
             screen_operator(
                 backend,
@@ -143,6 +169,20 @@ pub fn screen_checkpoint_matrix(
                 params,
             )
         }
+    }
+}
+
+/// [`screen_operator`] on the backend's device, when it has one (`None`: run the CPU solver).
+pub fn screen_on_device(
+    backend: &dyn Backend,
+    base: &Spectrum,
+    op: &DeviceOperator<'_>,
+    want: usize,
+    params: &RandomizedParams,
+) -> Result<Option<Screened>> {
+    match super::device::top_k(backend, op, want, params)? {
+        Some(svd) => Ok(Some(screened(backend, base, svd)?)),
+        None => Ok(None),
     }
 }
 
@@ -200,4 +240,194 @@ fn against_base(
     }
     let outside = inside.iter().map(|s| (1.0 - s).max(0.0).sqrt()).collect();
     Ok((max_cos, outside))
+}
+
+/// The device code path (host models of every CUDA call) against the CPU solvers and, as the
+/// independent reference, dense f64 SVDs.
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::cuda::HostModelBackend;
+    use crate::spectrum::dense;
+    use crate::spectrum::randomized::gaussian_block;
+    use crate::tensor::encode;
+
+    const ROWS: usize = 96;
+    const COLS: usize = 140;
+    const WANT: usize = 7;
+
+    /// `Σ_t 0.8^t g_t h_tᵀ` (40 terms) plus a little noise: a decaying, full-rank base.
+    fn base_weights(seed: u64) -> Vec<f32> {
+        let (g, h) = (
+            gaussian_block(ROWS, 40, seed),
+            gaussian_block(COLS, 40, seed + 1),
+        );
+        let noise = gaussian_block(ROWS, COLS, seed + 2);
+        (0..ROWS * COLS)
+            .map(|ij| {
+                let (i, j) = (ij / COLS, ij % COLS);
+                let s: f64 = (0..40)
+                    .map(|t| 0.8f64.powi(t as i32) * g[(i, t)] * h[(j, t)])
+                    .sum();
+                (s + 0.01 * noise[(i, j)]) as f32
+            })
+            .collect()
+    }
+
+    /// Stored values: what `dtype` keeps of `w`.
+    fn stored(w: &[f32], dtype: DType) -> (Vec<u8>, Vec<f64>) {
+        let bytes = encode(w, dtype);
+        let values = TensorRef::new(dtype, ROWS, COLS, &bytes).unwrap().to_f64();
+        (bytes, values)
+    }
+
+    fn screen(backend: &dyn Backend, w0: &TensorRef<'_>, w1: &TensorRef<'_>) -> Screened {
+        let base = CpuBackend.thin_svd(&w0.to_f32(), ROWS, COLS).unwrap();
+        screen_checkpoint_matrix(
+            backend,
+            &base,
+            w0,
+            w1,
+            WANT,
+            &SolverParams::default(),
+            &RandomizedParams::default(),
+        )
+        .unwrap()
+    }
+
+    /// The screening numbers against the dense f64 comparison of `w0` and `w1` (row-major).
+    fn check_against_dense(got: &Screened, w0: &[f64], w1: &[f64], tol: f64, what: &str) {
+        let m0 = faer::MatRef::from_row_major_slice(w0, ROWS, COLS);
+        let m1 = faer::MatRef::from_row_major_slice(w1, ROWS, COLS);
+        let want = dense::compare(m0, m1, WANT).unwrap();
+        let s1 = want.sigma[0];
+        for j in 0..WANT {
+            assert!(
+                (got.sigma[j] - want.sigma[j]).abs() <= tol * s1,
+                "{what}: σ{j} {} vs {}",
+                got.sigma[j],
+                want.sigma[j]
+            );
+            assert!(
+                (got.max_cos[j] - want.max_cos[j]).abs() <= tol,
+                "{what}: max|cos|{j} {} vs {}",
+                got.max_cos[j],
+                want.max_cos[j]
+            );
+        }
+    }
+
+    /// A merged LoRA `W' = W0 + B·A` (r = 5) stored in f32 and in bf16: the device sketch finds
+    /// rank r, its factors reproduce ΔW to the residual it claims, and both paths screen the
+    /// checkpoint as the dense f64 comparison of W0 with the exact `W0 + B·A` does.
+    #[test]
+    fn merged_checkpoints_are_found_low_rank_on_the_device_path_as_on_the_cpu() {
+        let r = 5;
+        let w0f = base_weights(1);
+        let (ga, gb) = (gaussian_block(r, COLS, 4), gaussian_block(ROWS, r, 5));
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-3)] {
+            let (b0, w0) = stored(&w0f, dtype);
+            let exact: Vec<f64> = (0..ROWS * COLS)
+                .map(|ij| {
+                    let (i, j) = (ij / COLS, ij % COLS);
+                    w0[ij] + 0.3 * (0..r).map(|t| gb[(i, t)] * ga[(t, j)]).sum::<f64>()
+                })
+                .collect();
+            let (b1, w1) = stored(&exact.iter().map(|&x| x as f32).collect::<Vec<_>>(), dtype);
+            let t0 = TensorRef::new(dtype, ROWS, COLS, &b0).unwrap();
+            let t1 = TensorRef::new(dtype, ROWS, COLS, &b1).unwrap();
+
+            // The sketch itself, on the device path: rank r, and the residual it claims is the
+            // residual its factors have (recomputed here), within the threshold screening uses.
+            let delta: Vec<f64> = w1.iter().zip(&w0).map(|(a, b)| a - b).collect();
+            let fro = delta.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let fro1 = w1.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let threshold = unit_roundoff(dtype) * (fro1 + fro) + 1e-9 * fro;
+            let floor = 4.0 * threshold * (1.0 / (ROWS as f64).sqrt() + 1.0 / (COLS as f64).sqrt());
+            let op = DeviceOperator {
+                rows: ROWS,
+                cols: COLS,
+                dense: vec![(1.0, t1), (-1.0, t0)],
+                low_rank: None,
+                row_scale: None,
+            };
+            let p = LowRankParams {
+                max_rank: 24,
+                ..LowRankParams::default()
+            };
+            let f = super::super::device::low_rank(
+                &HostModelBackend,
+                &op,
+                &p.sketch(fro, threshold, floor),
+            )
+            .unwrap()
+            .expect("the host models run the sketch")
+            .unwrap_or_else(|e| panic!("{dtype:?}: not low rank: {e:?}"));
+            assert_eq!(f.rank, r, "{dtype:?}");
+            let approx = &f.left * f.right.transpose();
+            let actual = (0..ROWS * COLS)
+                .map(|ij| (delta[ij] - approx[(ij / COLS, ij % COLS)]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(actual <= threshold, "{dtype:?}: {actual:e} > {threshold:e}");
+            assert!(
+                (actual - f.residual).abs() <= 1e-6 * fro,
+                "{dtype:?}: {actual:e} vs claimed {:e}",
+                f.residual
+            );
+            let ltl = f.left.transpose() * &f.left;
+            for i in 0..r {
+                for j in 0..r {
+                    let id = f64::from(u8::from(i == j));
+                    assert!((ltl[(i, j)] - id).abs() < 1e-12, "{dtype:?}: LᵀL");
+                }
+            }
+
+            // The whole screening, both paths: merged-lora of rank r, the adapter's numbers.
+            let (cpu, dev) = (
+                screen(&CpuBackend, &t0, &t1),
+                screen(&HostModelBackend, &t0, &t1),
+            );
+            for (name, s) in [("cpu", &cpu), ("device", &dev)] {
+                assert_eq!(s.solver, Solver::MergedLora, "{dtype:?} {name}");
+                assert_eq!(s.detected_rank, Some(r), "{dtype:?} {name}");
+                check_against_dense(s, &w0, &exact, tol, &format!("{dtype:?} {name}"));
+            }
+        }
+    }
+
+    /// A full-rank ΔW (a dense Gaussian perturbation): neither path finds it low rank, and both
+    /// screen W' as the dense f64 comparison does.
+    #[test]
+    fn a_full_rank_delta_is_not_low_rank_on_either_path() {
+        let w0f = base_weights(7);
+        let noise = gaussian_block(ROWS, COLS, 9);
+        let w1f: Vec<f32> = (0..ROWS * COLS)
+            .map(|ij| w0f[ij] + 0.05 * noise[(ij / COLS, ij % COLS)] as f32)
+            .collect();
+        let (b0, w0) = stored(&w0f, DType::F32);
+        let (b1, w1) = stored(&w1f, DType::F32);
+        let t0 = TensorRef::new(DType::F32, ROWS, COLS, &b0).unwrap();
+        let t1 = TensorRef::new(DType::F32, ROWS, COLS, &b1).unwrap();
+        let (cpu, dev) = (
+            screen(&CpuBackend, &t0, &t1),
+            screen(&HostModelBackend, &t0, &t1),
+        );
+        for (name, s) in [("cpu", &cpu), ("device", &dev)] {
+            assert_eq!(s.detected_rank, None, "{name}");
+            // W' of this size reaches the Krylov cap first: the named dense fallback.
+            assert!(
+                matches!(
+                    s.solver,
+                    Solver::Randomized | Solver::RandomizedDenseFallback
+                ),
+                "{name}: {:?}",
+                s.solver
+            );
+            assert!(s.residual.unwrap() <= 1e-9, "{name}: {:?}", s.residual);
+            // The cached base vectors are f32: |cos| to ~1e-6.
+            check_against_dense(s, &w0, &w1, 1e-5, name);
+        }
+    }
 }

@@ -196,6 +196,22 @@ pub fn host_geqrf_orgqr(mut a: Vec<f64>, m: usize, n: usize) -> (Vec<f64>, Vec<f
     (q, diag)
 }
 
+/// `U diag(σ) Vᵀ` (rows × cols, row-major) with random orthonormal U, V.
+pub fn with_spectrum(rows: usize, cols: usize, sigma: &[f64], seed: u64) -> Vec<f64> {
+    let r = sigma.len();
+    let (u, _) = host_geqrf_orgqr(random(rows * r, seed), rows, r);
+    let (v, _) = host_geqrf_orgqr(random(cols * r, seed + 1), cols, r);
+    let mut w = vec![0.0; rows * cols];
+    for (t, s) in sigma.iter().enumerate() {
+        for i in 0..rows {
+            for j in 0..cols {
+                w[i * cols + j] += u[i + t * rows] * s * v[j + t * cols];
+            }
+        }
+    }
+    w
+}
+
 pub fn rng(seed: u64) -> impl FnMut() -> f64 {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     move || {

@@ -1,11 +1,12 @@
-//! CUDA backend: the base matrix's thin SVD (cuBLAS + cuSOLVER, f64), the SGEMM projections and
-//! the randomized top-k solver (cuRAND sketches, cuBLAS, cuSOLVER QR and eigensolver, f64).
+//! CUDA backend: the base matrix's thin SVD (cuBLAS + cuSOLVER, f64), the SGEMM projections, the
+//! randomized top-k solver and the rank-revealing sketch of `W' − W0` (cuRAND sketches, cuBLAS,
+//! cuSOLVER QR and eigensolver, f64).
 //!
 //! * `plan` — shapes, operand extents and device-memory sizes, decided without a device;
 //! * `blas`, `solver`, `rand` — one typed safe wrapper per library call;
 //! * `device` — the opened device (context, stream, handles);
 //! * `budgeted` — the [`engine::Engine`] operations built from the wrappers, under a gate's budget;
-//! * `svd`, `randomized` — the algorithms, written against `Engine`, so the tests run the same
+//! * `svd`, `randomized`, `sketch` — the algorithms, written against `Engine`, so the tests run the same
 //!   code on host models of every call (`host`);
 //! * `error` — [`CudaError`], with the cudarc status as its source.
 //!
@@ -24,12 +25,16 @@ mod host;
 mod plan;
 mod rand;
 mod randomized;
+mod sketch;
 mod solver;
 mod svd;
 
 pub use error::CudaError;
 
-use super::{Backend, BackendKind, DeviceOperator, DeviceTopK, Spectrum, TopKParams};
+use super::{
+    Backend, BackendKind, DeviceOperator, DeviceSketch, DeviceTopK, SketchParams, Spectrum,
+    TopKParams,
+};
 use crate::error::{Error, ErrorKind, Result};
 use budgeted::Budgeted;
 use device::Device;
@@ -262,6 +267,18 @@ impl Backend for CudaBackend {
             Ok(randomized::top_k(&self.engine(), op, params)?)
         })
     }
+    /// cuRAND Philox sketches, cuBLAS DGEMM, cuSOLVER QR and syevd, on `W' − W0` uploaded once
+    /// as one f64 matrix (see `sketch`).
+    fn low_rank_sketch(
+        &self,
+        op: &DeviceOperator<'_>,
+        params: &SketchParams,
+    ) -> Result<Option<DeviceSketch>> {
+        self.guarded(|| {
+            let _turn = self.dev.turn()?;
+            Ok(Some(sketch::low_rank(&self.engine(), op, params)?))
+        })
+    }
 }
 
 /// The device algorithms run on the host models of every CUDA call (the CPU backend's projection
@@ -290,6 +307,17 @@ impl Backend for HostModelBackend {
         params: &TopKParams,
     ) -> Result<Option<DeviceTopK>> {
         Ok(randomized::top_k(&host::HostEngine::default(), op, params)?)
+    }
+    fn low_rank_sketch(
+        &self,
+        op: &DeviceOperator<'_>,
+        params: &SketchParams,
+    ) -> Result<Option<DeviceSketch>> {
+        Ok(Some(sketch::low_rank(
+            &host::HostEngine::default(),
+            op,
+            params,
+        )?))
     }
 }
 

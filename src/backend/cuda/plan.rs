@@ -313,8 +313,8 @@ impl OpShapes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RsvdPlan {
     pub op: OpShapes,
-    /// Dense terms held on the device (1 for W', 2 for W' − W0).
-    pub dense_terms: usize,
+    /// The operator has dense terms (held summed, as one rows×cols matrix).
+    pub dense: bool,
     pub n: usize,
     pub c: usize,
     /// rows > cols: the Krylov operator is `W'ᵀ`.
@@ -330,7 +330,7 @@ impl RsvdPlan {
     /// `None` when the block would not fit under the cap (the caller's dense-small path).
     pub fn new(
         op: OpShapes,
-        dense_terms: usize,
+        dense: bool,
         k: usize,
         oversampling: usize,
         max_basis: usize,
@@ -350,7 +350,7 @@ impl RsvdPlan {
             .ok_or_else(|| CudaError::Overflow("sketch size".into()))?)?;
         Ok(Some(RsvdPlan {
             op,
-            dense_terms,
+            dense,
             n,
             c,
             transposed: op.rows > op.cols,
@@ -379,8 +379,7 @@ impl RsvdPlan {
             ..
         } = *self;
         let elems = [
-            self.dense_terms
-                .checked_mul(op.rows.checked_mul(op.cols)?)?,
+            usize::from(self.dense).checked_mul(op.rows.checked_mul(op.cols)?)?,
             op.rank.checked_mul(op.rows.checked_add(op.cols)?)?,
             op.rank.checked_mul(b)?, // low-rank intermediate
             super::rand::normal_count(c.checked_mul(b)?),
@@ -401,6 +400,93 @@ impl RsvdPlan {
         let eig = ws_eig.checked_mul(8)?.checked_add(INFO_BYTES)?;
         let qr = ws_qr
             .checked_add(b)?
+            .checked_mul(8)?
+            .checked_add(INFO_BYTES)?;
+        held.checked_add(eig.max(qr))
+    }
+}
+
+/// Sizes of one rank-revealing sketch on the device (`sketch`): the dense operator (rows×cols),
+/// the basis Q (rows×cap) and `Bt = opᵀQ` (cols×cap), a sketch block of up to `block` columns
+/// with its Gaussian Ω and a copy of the first round's for Hutchinson's estimate, the explicit
+/// residual in blocks of `residual_rows` rows, and the reveal (`BtᵀBt`, its eigenvectors and
+/// the two factors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SketchPlan {
+    pub op: OpShapes,
+    /// Most sketch columns, `min(max_rank + oversampling, min(rows, cols))`.
+    pub cap: usize,
+    /// Columns of the first round.
+    pub first: usize,
+    /// The widest round: the first, or half the cap (each later round doubles the sketch).
+    pub block: usize,
+    pub residual_rows: usize,
+}
+
+/// Elements of one block of the explicit residual (bounds its buffer and keeps each dot
+/// product's length within a cuBLAS `int`).
+pub const RESIDUAL_BLOCK_ELEMS: usize = 1 << 21;
+
+impl SketchPlan {
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        cap: usize,
+        first: usize,
+    ) -> Result<SketchPlan, CudaError> {
+        let first = first.min(cap);
+        let block = first.max(cap / 2);
+        for x in [rows, cols, cap.saturating_mul(cap)] {
+            int(x)?;
+        }
+        for (a, b) in [(rows, block), (cols, block), (rows, cap), (cols, cap)] {
+            int(a
+                .checked_mul(b)
+                .ok_or_else(|| CudaError::Overflow("sketch size".into()))?)?;
+        }
+        Ok(SketchPlan {
+            op: OpShapes {
+                rows,
+                cols,
+                rank: 0,
+            },
+            cap,
+            first,
+            block,
+            residual_rows: (RESIDUAL_BLOCK_ELEMS / cols.max(1)).clamp(1, rows.max(1)),
+        })
+    }
+
+    /// Bytes the sketch holds on the device, given the workspaces (doubles) of syevd on the
+    /// cap×cap `BtᵀBt` and of QR on a rows×block block.
+    pub fn device_bytes(&self, ws_eig: usize, ws_qr: usize) -> Option<usize> {
+        let SketchPlan {
+            op: OpShapes { rows, cols, .. },
+            cap,
+            first,
+            block,
+            residual_rows,
+        } = *self;
+        let elems = [
+            rows.checked_mul(cols)?,
+            rows.checked_add(cols)?.checked_mul(cap)?.checked_mul(2)?, // Q, Bt; L, R
+            super::rand::normal_count(cols.checked_mul(block)?),       // Ω
+            rows.checked_mul(block)?,                                  // the block
+            cap.checked_mul(block)?,                                   // its projection
+            block.checked_mul(block)?.checked_add(block)?,             // Gram, R's diagonal
+            rows.checked_mul(first)?,                                  // the first sketch, kept
+            cols.checked_mul(first)?
+                .checked_add(cap.checked_mul(first)?)?, // Hutchinson
+            cols.checked_mul(residual_rows)?.checked_add(1)?,          // residual block, dot
+            cap.checked_mul(cap)?.checked_add(cap)?,                   // BtᵀBt, eigenvalues
+        ];
+        let held = elems
+            .iter()
+            .try_fold(0usize, |acc, &e| acc.checked_add(e))?
+            .checked_mul(8)?;
+        let eig = ws_eig.checked_mul(8)?.checked_add(INFO_BYTES)?;
+        let qr = ws_qr
+            .checked_add(block)?
             .checked_mul(8)?
             .checked_add(INFO_BYTES)?;
         held.checked_add(eig.max(qr))

@@ -5,13 +5,14 @@
 //! Rayleigh–Ritz eigenproblem in cuSOLVER syevd and the sketch from cuRAND Philox, all f64.
 //!
 //! The operator's dense terms are uploaded once per solve, converted from their stored dtype
-//! (bf16/f16/f32) to f64 **on the host**, in row chunks, with DoRA's row scale folded in on the
-//! way: exact, memory-bound, and it needs no kernel (a device conversion would need NVRTC, one
+//! (bf16/f16/f32) to f64 **on the host**, in row chunks, summed into one buffer (`W' − W0` is
+//! one matrix on the device), with DoRA's row scale folded in on the way: exact, memory-bound, and it needs no kernel (a device conversion would need NVRTC, one
 //! more runtime library and a compile per process, to save a few ms of PCIe per matrix).
 //!
-//! Orthonormalisation: two block Gram–Schmidt passes against the basis, then a Householder QR of
-//! the block; a column whose R diagonal falls below 1e-12 of its norm before the passes lies in
-//! the span, and the block is cut before it (the CPU solver drops such columns one by one).
+//! Orthonormalisation ([`Block`], shared with the rank-revealing `sketch`): two block
+//! Gram–Schmidt passes against the basis, then a Householder QR of the block; a column whose R
+//! diagonal falls below 1e-12 of its norm before the passes lies in the span, and the block is
+//! cut before it (the CPU solver drops such columns one by one).
 
 use super::engine::{Engine, R};
 use super::error::CudaError;
@@ -25,17 +26,18 @@ const DROP: f64 = 1e-12;
 /// Rows converted per host chunk (bounds the host's f64 staging buffer).
 const CHUNK_ELEMS: usize = 1 << 21;
 
-/// The operator on the device.
-struct Op<B> {
-    shapes: OpShapes,
-    dense: Vec<(f64, B)>,
+/// The operator on the device: its dense terms summed into one buffer, and the low-rank term.
+pub(super) struct Op<B> {
+    pub(super) shapes: OpShapes,
+    /// `Σ cᵢ·Mᵢ`, row-scaled: row-major rows×cols.
+    pub(super) dense: Option<B>,
     /// (B rows×r, A r×cols, scale), B already row-scaled.
     low_rank: Option<(B, B, f64)>,
 }
 
 impl<B> Op<B> {
     /// `out = W'·x` (`t = false`) or `W'ᵀ·x` (`t = true`) on `b` columns.
-    fn apply<E: Engine<Buf = B>>(
+    pub(super) fn apply<E: Engine<Buf = B>>(
         &self,
         e: &E,
         t: bool,
@@ -45,14 +47,13 @@ impl<B> Op<B> {
         tmp: &mut B,
     ) -> R<()> {
         let (buf, off) = out;
-        for (i, (coef, m)) in self.dense.iter().enumerate() {
-            let beta = if i == 0 { 0.0 } else { 1.0 };
+        if let Some(m) = &self.dense {
             e.gemm(
                 &self.shapes.dense(b, t),
-                *coef,
+                1.0,
                 (m, 0),
                 x,
-                beta,
+                0.0,
                 (&mut *buf, off),
             )?;
         }
@@ -66,7 +67,7 @@ impl<B> Op<B> {
                 0.0,
                 (&mut *tmp, 0),
             )?;
-            let beta = if self.dense.is_empty() { 0.0 } else { 1.0 };
+            let beta = if self.dense.is_none() { 0.0 } else { 1.0 };
             e.gemm(
                 &self.shapes.low_rank_outer(b, t),
                 *scale,
@@ -80,32 +81,40 @@ impl<B> Op<B> {
     }
 }
 
-/// Row-major `t` (rows×cols) as f64 into a device buffer, each row times `scale[row]`,
-/// converted in chunks of about `chunk` elements (whole rows).
-fn upload_tensor<E: Engine>(
+/// `Σ cᵢ·Mᵢ` of row-major rows×cols terms as f64 into one device buffer, each row times
+/// `scale[row]`, converted and summed on the host in chunks of about `chunk` elements (whole
+/// rows): each term's values cross the bus once, as one sum (`W' − W0` is formed exactly as the
+/// CPU forms it, `x₁ − x₀` in f64).
+fn upload_dense<E: Engine>(
     e: &E,
-    t: &TensorRef<'_>,
+    terms: &[(f64, TensorRef<'_>)],
+    (rows, cols): (usize, usize),
     scale: Option<&[f64]>,
     chunk: usize,
 ) -> R<E::Buf> {
-    let mut buf = e.zeros(t.rows * t.cols)?;
-    let rows_per = (chunk / t.cols.max(1)).max(1);
-    let row_bytes = t.cols * t.dtype.size();
-    for r0 in (0..t.rows).step_by(rows_per) {
-        let nr = rows_per.min(t.rows - r0);
-        let chunk = TensorRef {
-            dtype: t.dtype,
-            rows: nr,
-            cols: t.cols,
-            bytes: &t.bytes[r0 * row_bytes..(r0 + nr) * row_bytes],
-        };
-        let mut host = chunk.to_f64();
+    let mut buf = e.zeros(rows * cols)?;
+    let rows_per = (chunk / cols.max(1)).max(1);
+    for r0 in (0..rows).step_by(rows_per) {
+        let nr = rows_per.min(rows - r0);
+        let mut host = vec![0.0f64; nr * cols];
+        for (coef, t) in terms {
+            let row_bytes = cols * t.dtype.size();
+            let part = TensorRef {
+                dtype: t.dtype,
+                rows: nr,
+                cols,
+                bytes: &t.bytes[r0 * row_bytes..(r0 + nr) * row_bytes],
+            };
+            for (h, x) in host.iter_mut().zip(part.to_f64()) {
+                *h += coef * x;
+            }
+        }
         if let Some(d) = scale {
-            for (i, row) in host.chunks_mut(t.cols.max(1)).enumerate() {
+            for (i, row) in host.chunks_mut(cols.max(1)).enumerate() {
                 row.iter_mut().for_each(|x| *x *= d[r0 + i]);
             }
         }
-        e.write(&host, &mut buf, r0 * t.cols)?;
+        e.write(&host, &mut buf, r0 * cols)?;
     }
     Ok(buf)
 }
@@ -114,7 +123,12 @@ fn bad(what: &str) -> CudaError {
     CudaError::Overflow(format!("randomized top-k: {what}"))
 }
 
-fn upload_op<E: Engine>(e: &E, op: &DeviceOperator<'_>, plan: &RsvdPlan) -> R<Op<E::Buf>> {
+/// Uploads `op` (its low-rank term of rank `rank`).
+pub(super) fn upload_op<E: Engine>(
+    e: &E,
+    op: &DeviceOperator<'_>,
+    shapes: OpShapes,
+) -> R<Op<E::Buf>> {
     let (rows, cols) = (op.rows, op.cols);
     if op.dense.is_empty() && op.low_rank.is_none() {
         return Err(bad("the operator has no term"));
@@ -122,14 +136,24 @@ fn upload_op<E: Engine>(e: &E, op: &DeviceOperator<'_>, plan: &RsvdPlan) -> R<Op
     if op.row_scale.is_some_and(|d| d.len() != rows) {
         return Err(bad("row scale length differs from the rows"));
     }
-    let mut dense = Vec::with_capacity(op.dense.len());
-    for (coef, t) in &op.dense {
-        if (t.rows, t.cols) != (rows, cols) {
-            return Err(bad("a dense term's shape differs from the operator's"));
-        }
-        dense.push((*coef, upload_tensor(e, t, op.row_scale, CHUNK_ELEMS)?));
+    if op
+        .dense
+        .iter()
+        .any(|(_, t)| (t.rows, t.cols) != (rows, cols))
+    {
+        return Err(bad("a dense term's shape differs from the operator's"));
     }
-    let r = plan.op.rank;
+    let dense = match op.dense.is_empty() {
+        true => None,
+        false => Some(upload_dense(
+            e,
+            &op.dense,
+            (rows, cols),
+            op.row_scale,
+            CHUNK_ELEMS,
+        )?),
+    };
+    let r = shapes.rank;
     let low_rank = match &op.low_rank {
         Some(lr) => {
             if lr.b.len() != rows * r || lr.a.len() != r * cols {
@@ -146,10 +170,94 @@ fn upload_op<E: Engine>(e: &E, op: &DeviceOperator<'_>, plan: &RsvdPlan) -> R<Op
         None => None,
     };
     Ok(Op {
-        shapes: plan.op,
+        shapes,
         dense,
         low_rank,
     })
+}
+
+/// A block of new columns (n×b, ld n) to orthonormalise against a basis `q` (n×cap, ld n), with
+/// the scratch of doing it: the block's projection on the basis (cap×b), its Gram matrix (b×b)
+/// and R's diagonal (b).
+pub(super) struct Block<B> {
+    pub(super) blk: B,
+    proj: B,
+    gram: B,
+    diag: B,
+    n: usize,
+    b: usize,
+    cap: usize,
+}
+
+impl<B> Block<B> {
+    pub(super) fn new<E: Engine<Buf = B>>(e: &E, n: usize, b: usize, cap: usize) -> R<Block<B>> {
+        Ok(Block {
+            blk: e.zeros(n * b)?,
+            proj: e.zeros(cap * b)?,
+            gram: e.zeros(b * b)?,
+            diag: e.zeros(b)?,
+            n,
+            b,
+            cap,
+        })
+    }
+
+    /// Orthonormalises the first `room` columns of the block against the first `m` columns of
+    /// `q` and among themselves, and copies what survives into `q` from column `m`; returns how
+    /// many. Two block Gram–Schmidt passes, then a Householder QR of the block; a column whose R
+    /// diagonal falls below `DROP` of its norm before the passes lies in the span, and the block
+    /// is cut before it.
+    pub(super) fn orthonormalise<E: Engine<Buf = B>>(
+        &mut self,
+        e: &E,
+        q: &mut B,
+        m: usize,
+        room: usize,
+    ) -> R<usize> {
+        let Block { n, b, cap, .. } = *self;
+        // Column norms before the projections, from the block's Gram diagonal.
+        e.gemm(
+            &gemm(true, room, room, n, n, n, b),
+            1.0,
+            (&self.blk, 0),
+            (&self.blk, 0),
+            0.0,
+            (&mut self.gram, 0),
+        )?;
+        let gram = e.read(&self.gram, 0, extent(room, room, b))?;
+        if m > 0 {
+            for _ in 0..2 {
+                e.gemm(
+                    &gemm(true, m, room, n, n, n, cap),
+                    1.0,
+                    (&*q, 0),
+                    (&self.blk, 0),
+                    0.0,
+                    (&mut self.proj, 0),
+                )?;
+                e.gemm(
+                    &gemm(false, n, room, m, n, cap, n),
+                    -1.0,
+                    (&*q, 0),
+                    (&self.proj, 0),
+                    1.0,
+                    (&mut self.blk, 0),
+                )?;
+            }
+        }
+        e.qr(n, room, &mut self.blk, 0, &mut self.diag)?;
+        let diag = e.read(&self.diag, 0, room)?;
+        let added = (0..room)
+            .take_while(|&j| {
+                let norm0 = gram[j + j * b].max(0.0).sqrt();
+                norm0 > 0.0 && diag[j].abs() > DROP * norm0
+            })
+            .count();
+        if added > 0 {
+            e.copy((&self.blk, 0), (q, m * n), added * n)?;
+        }
+        Ok(added)
+    }
 }
 
 /// The device buffers of one solve (column-major, Krylov side n, other side c).
@@ -160,14 +268,11 @@ struct Basis<B> {
     t: B,
     evec: B,
     eig: B,
-    blk: B,
-    proj: B,
-    gram: B,
-    diag: B,
+    blk: Block<B>,
     m: usize,
 }
 
-fn gemm(
+pub(super) fn gemm(
     transa: bool,
     m: usize,
     n: usize,
@@ -196,8 +301,8 @@ pub fn top_k<E: Engine>(e: &E, op: &DeviceOperator<'_>, p: &TopKParams) -> R<Opt
         cols: op.cols,
         rank,
     };
-    let Some(plan) = RsvdPlan::new(shapes, op.dense.len(), p.k, p.oversampling, p.max_basis)?
-    else {
+    let dense = !op.dense.is_empty();
+    let Some(plan) = RsvdPlan::new(shapes, dense, p.k, p.oversampling, p.max_basis)? else {
         return Ok(None);
     };
     let what = format!("randomized top-{} of {}×{}", plan.k, op.rows, op.cols);
@@ -208,7 +313,7 @@ pub fn top_k<E: Engine>(e: &E, op: &DeviceOperator<'_>, p: &TopKParams) -> R<Opt
         )
         .ok_or_else(|| bad("a size overflows"))?;
     e.reserve(&what, guess)?;
-    let dev_op = upload_op(e, op, &plan)?;
+    let dev_op = upload_op(e, op, plan.op)?;
     let tmp = e.zeros(rank * plan.b)?;
     Solve {
         e,
@@ -246,10 +351,7 @@ impl<E: Engine> Solve<'_, E> {
             t: e.zeros(cap * cap)?,
             evec: e.zeros(cap * cap)?,
             eig: e.zeros(cap)?,
-            blk: e.zeros(n * b)?,
-            proj: e.zeros(cap * b)?,
-            gram: e.zeros(b * b)?,
-            diag: e.zeros(b)?,
+            blk: Block::new(e, n, b, cap)?,
             m: 0,
         };
         let ws_eig = e.syevd_workspace(
@@ -261,7 +363,7 @@ impl<E: Engine> Solve<'_, E> {
             &basis.evec,
             &basis.eig,
         )?;
-        let ws_qr = e.qr_workspace(n, b, &mut basis.blk, 0)?;
+        let ws_qr = e.qr_workspace(n, b, &mut basis.blk.blk, 0)?;
         let exact = self
             .plan
             .device_bytes(ws_eig, ws_qr)
@@ -272,7 +374,7 @@ impl<E: Engine> Solve<'_, E> {
         {
             let mut omega = e.zeros(super::rand::normal_count(c * b))?;
             e.gaussian(p.seed, &mut omega)?;
-            self.k(false, b, (&omega, 0), (&mut basis.blk, 0))?;
+            self.k(false, b, (&omega, 0), (&mut basis.blk.blk, 0))?;
         }
         let mut newest = self.extend(&mut basis, b)?;
         let mut next_check = 0;
@@ -307,7 +409,7 @@ impl<E: Engine> Solve<'_, E> {
             }
             // 2. Block Krylov: K·Kᵀ times the newest block, which W already holds.
             let from = m - newest;
-            e.copy((&basis.w, from * n), (&mut basis.blk, 0), newest * n)?;
+            e.copy((&basis.w, from * n), (&mut basis.blk.blk, 0), newest * n)?;
             newest = self.extend(&mut basis, newest)?;
         }
     }
@@ -316,55 +418,17 @@ impl<E: Engine> Solve<'_, E> {
     /// survives (up to the cap), with their Z = Kᵀq, W = K·z and the new columns of T = ZᵀZ.
     fn extend(&mut self, s: &mut Basis<E::Buf>, nb: usize) -> R<usize> {
         let e = self.e;
-        let RsvdPlan { n, c, b, cap, .. } = self.plan;
+        let RsvdPlan { n, c, cap, .. } = self.plan;
         let m = s.m;
         let room = nb.min(cap - m);
         if room == 0 {
             return Ok(0);
         }
-        // Column norms before the projections, from the block's Gram diagonal.
-        e.gemm(
-            &gemm(true, room, room, n, n, n, b),
-            1.0,
-            (&s.blk, 0),
-            (&s.blk, 0),
-            0.0,
-            (&mut s.gram, 0),
-        )?;
-        let gram = e.read(&s.gram, 0, extent(room, room, b))?;
-        if m > 0 {
-            for _ in 0..2 {
-                e.gemm(
-                    &gemm(true, m, room, n, n, n, cap),
-                    1.0,
-                    (&s.q, 0),
-                    (&s.blk, 0),
-                    0.0,
-                    (&mut s.proj, 0),
-                )?;
-                e.gemm(
-                    &gemm(false, n, room, m, n, cap, n),
-                    -1.0,
-                    (&s.q, 0),
-                    (&s.proj, 0),
-                    1.0,
-                    (&mut s.blk, 0),
-                )?;
-            }
-        }
-        e.qr(n, room, &mut s.blk, 0, &mut s.diag)?;
-        let diag = e.read(&s.diag, 0, room)?;
-        let added = (0..room)
-            .take_while(|&j| {
-                let norm0 = gram[j + j * b].max(0.0).sqrt();
-                norm0 > 0.0 && diag[j].abs() > DROP * norm0
-            })
-            .count();
+        let added = s.blk.orthonormalise(e, &mut s.q, m, room)?;
         if added == 0 {
             return Ok(0);
         }
         let m1 = m + added;
-        e.copy((&s.blk, 0), (&mut s.q, m * n), added * n)?;
         self.k(true, added, (&s.q, m * n), (&mut s.z, m * c))?;
         self.k(false, added, (&s.z, m * c), (&mut s.w, m * n))?;
         // T[:m1, m..m1] = Z[:, :m1]ᵀ·Z[:, m..m1]: the upper triangle syevd reads.
@@ -523,22 +587,6 @@ mod tests {
     use crate::backend::LowRankTerm;
     use crate::tensor::{encode, DType};
 
-    /// Row-major rows×cols `U·diag(σ)·Vᵀ` with random orthonormal U, V.
-    fn with_spectrum(rows: usize, cols: usize, sigma: &[f64], seed: u64) -> Vec<f64> {
-        let r = sigma.len();
-        let (u, _) = host_geqrf_orgqr(random(rows * r, seed), rows, r);
-        let (v, _) = host_geqrf_orgqr(random(cols * r, seed + 1), cols, r);
-        let mut w = vec![0.0; rows * cols];
-        for (t, s) in sigma.iter().enumerate() {
-            for i in 0..rows {
-                for j in 0..cols {
-                    w[i * cols + j] += u[i + t * rows] * s * v[j + t * cols];
-                }
-            }
-        }
-        w
-    }
-
     /// Reference σ (descending) from the Gram matrix of the smaller side, by Jacobi.
     fn reference_sigma(w: &[f64], rows: usize, cols: usize) -> Vec<f64> {
         let (n, wide) = (rows.min(cols), rows <= cols);
@@ -614,22 +662,22 @@ mod tests {
     }
 
     #[test]
-    fn uploads_convert_every_dtype_in_row_chunks_with_the_row_scale() {
+    fn uploads_convert_every_dtype_in_row_chunks_sum_the_terms_and_scale_the_rows() {
         let (rows, cols) = (7, 5);
-        let w32 = random32(rows * cols, 3);
+        let (w32, v32) = (random32(rows * cols, 3), random32(rows * cols, 4));
         let d: Vec<f64> = (0..rows).map(|i| 1.0 + i as f64).collect();
         for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
-            let bytes = encode(&w32, dtype);
-            let t = TensorRef::new(dtype, rows, cols, &bytes).unwrap();
-            let want: Vec<f64> = t
-                .to_f64()
-                .iter()
-                .enumerate()
-                .map(|(ij, x)| x * d[ij / cols])
+            let (bw, bv) = (encode(&w32, dtype), encode(&v32, DType::F32));
+            let t = TensorRef::new(dtype, rows, cols, &bw).unwrap();
+            let u = TensorRef::new(DType::F32, rows, cols, &bv).unwrap();
+            let (tw, tv) = (t.to_f64(), u.to_f64());
+            let want: Vec<f64> = (0..rows * cols)
+                .map(|ij| (2.0 * tw[ij] - tv[ij]) * d[ij / cols])
                 .collect();
             for chunk in [1, 6, 11, 1 << 20] {
                 let e = HostEngine::default();
-                let buf = upload_tensor(&e, &t, Some(&d), chunk).unwrap();
+                let terms = [(2.0, t), (-1.0, u)];
+                let buf = upload_dense(&e, &terms, (rows, cols), Some(&d), chunk).unwrap();
                 assert_eq!(buf.data, want, "{dtype:?}, chunk {chunk}");
                 let uploads = e.count("upload");
                 assert_eq!(uploads, rows.div_ceil((chunk / cols).max(1)), "{dtype:?}");
