@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every parser and of the whole adapter load (fuzz/, cargo-fuzz +
-# libFuzzer). Runs each target for SECONDS (default 45, what CI runs) from the committed seeds
+# libFuzzer). Runs each target for SECONDS (default 45; CI runs 30) from the committed seeds
 # in fuzz/corpus/<target>/ and prints executions, coverage and crashes per target; exits 1 when
 # any target found a crash, timeout or out-of-memory input (saved under $FUZZ_OUT/<target>/).
 #
@@ -8,6 +8,8 @@
 #   FUZZ_SANITIZER=address scripts/fuzz.sh 600   # nightly, AddressSanitizer (default: none, stable)
 #   FUZZ_TARGETS="policy adapter_dir" scripts/fuzz.sh
 #   FUZZ_KEEP_GOING=1 scripts/fuzz.sh 600        # fork mode: record crashes and carry on
+#   FUZZ_SEED=1 scripts/fuzz.sh 30               # libFuzzer's -seed (default: a random one each
+#                                                # run); CI fixes it, so a failure there replays
 #
 # The committed seeds are only read; what a run adds goes to $FUZZ_OUT/<target>/corpus
 # (default fuzz/out, ignored by git). Replay one input: cargo fuzz run -s none TARGET FILE.
@@ -48,6 +50,10 @@ keep_going=()
 if [ "${FUZZ_KEEP_GOING:-0}" = 1 ]; then
     keep_going=(-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
 fi
+seed=()
+if [ -n "${FUZZ_SEED:-}" ]; then
+    seed=(-seed="$FUZZ_SEED")
+fi
 
 failed=0
 summary=()
@@ -59,7 +65,7 @@ for t in $targets; do
     set +e
     cargo "${toolchain[@]}" fuzz run -s "$san" "$t" "$out/$t/corpus" "fuzz/corpus/$t" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len="$(max_len "$t")" \
-        -artifact_prefix="$out/$t/artifacts/" -print_final_stats=1 "${keep_going[@]}" \
+        -artifact_prefix="$out/$t/artifacts/" -print_final_stats=1 "${keep_going[@]}" "${seed[@]}" \
         >"$log" 2>&1
     rc=$?
     set -e
