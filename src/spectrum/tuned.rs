@@ -12,7 +12,9 @@
 use super::brand::{self, Update};
 use super::krylov::Triplets;
 use super::params::SolverParams;
-use super::randomized::{self, DenseOp, LowRankParams, Operator, RandomizedParams, RandomizedSvd};
+use super::randomized::{
+    self, DenseOp, LowRank, LowRankParams, Operator, RandomizedParams, RandomizedSvd,
+};
 use super::Solver;
 use crate::backend::{Backend, DeviceOperator, Spectrum};
 use crate::error::Result;
@@ -103,53 +105,7 @@ pub fn screen_checkpoint_matrix(
     };
     drop(a0);
     match decided {
-        Ok(f) => {
-            let r = f.rank;
-            if r == 0 {
-                // ΔW is within the storage rounding of W': as far as its dtype can tell, W' is
-                // W0, whose top vectors are the base's own.
-                let n = want.min(base.rank());
-                return Ok(Screened {
-                    sigma: base.s[..n].iter().map(|&s| s as f64).collect(),
-                    max_cos: vec![1.0; n],
-                    outside_base_span: vec![0.0; n],
-                    solver: Solver::MergedLora,
-                    detected_rank: Some(0),
-                    low_rank_residual: Some(f.residual / fro_delta.max(f64::MIN_POSITIVE)),
-                    residual: None,
-                });
-            }
-            // ΔW ≈ L·Rᵀ = B·A with B = L (rows × r) and A = Rᵀ (r × cols), scale 1.
-            let b: Vec<f32> = (0..rows)
-                .flat_map(|i| (0..r).map(move |j| (i, j)))
-                .map(|(i, j)| f.left[(i, j)] as f32)
-                .collect();
-            let a: Vec<f32> = (0..r)
-                .flat_map(|i| (0..cols).map(move |j| (i, j)))
-                .map(|(i, j)| f.right[(j, i)] as f32)
-                .collect();
-            let sol = brand::solve(
-                backend,
-                &Update {
-                    base,
-                    a: &a,
-                    b: &b,
-                    rank: r,
-                    scale: 1.0,
-                },
-                want,
-                krylov,
-            )?;
-            Ok(Screened {
-                max_cos: sol.max_cos(),
-                outside_base_span: sol.outside_base_span(),
-                sigma: sol.triplets.sigma,
-                solver: Solver::MergedLora,
-                detected_rank: Some(r),
-                low_rank_residual: Some(f.residual / fro_delta),
-                residual: None,
-            })
-        }
+        Ok(f) => merged_lora(backend, base, &f, fro_delta, want, krylov),
         Err(_) => {
             let tuned = DeviceOperator {
                 rows,
@@ -170,6 +126,63 @@ pub fn screen_checkpoint_matrix(
             )
         }
     }
+}
+
+/// A merged LoRA: `ΔW ≈ L·Rᵀ` of rank `f.rank` (0: within the storage rounding), screened by the
+/// exact Brand update against the cached base spectrum.
+fn merged_lora(
+    backend: &dyn Backend,
+    base: &Spectrum,
+    f: &LowRank,
+    fro_delta: f64,
+    want: usize,
+    krylov: &SolverParams,
+) -> Result<Screened> {
+    let (rows, cols, r) = (f.left.nrows(), f.right.nrows(), f.rank);
+    if r == 0 {
+        // ΔW is within the storage rounding of W': as far as its dtype can tell, W' is
+        // W0, whose top vectors are the base's own.
+        let n = want.min(base.rank());
+        return Ok(Screened {
+            sigma: base.s[..n].iter().map(|&s| s as f64).collect(),
+            max_cos: vec![1.0; n],
+            outside_base_span: vec![0.0; n],
+            solver: Solver::MergedLora,
+            detected_rank: Some(0),
+            low_rank_residual: Some(f.residual / fro_delta.max(f64::MIN_POSITIVE)),
+            residual: None,
+        });
+    }
+    // ΔW ≈ L·Rᵀ = B·A with B = L (rows × r) and A = Rᵀ (r × cols), scale 1.
+    let b: Vec<f32> = (0..rows)
+        .flat_map(|i| (0..r).map(move |j| (i, j)))
+        .map(|(i, j)| f.left[(i, j)] as f32)
+        .collect();
+    let a: Vec<f32> = (0..r)
+        .flat_map(|i| (0..cols).map(move |j| (i, j)))
+        .map(|(i, j)| f.right[(j, i)] as f32)
+        .collect();
+    let sol = brand::solve(
+        backend,
+        &Update {
+            base,
+            a: &a,
+            b: &b,
+            rank: r,
+            scale: 1.0,
+        },
+        want,
+        krylov,
+    )?;
+    Ok(Screened {
+        max_cos: sol.max_cos(),
+        outside_base_span: sol.outside_base_span(),
+        sigma: sol.triplets.sigma,
+        solver: Solver::MergedLora,
+        detected_rank: Some(r),
+        low_rank_residual: Some(f.residual / fro_delta),
+        residual: None,
+    })
 }
 
 /// [`screen_operator`] on the backend's device, when it has one (`None`: run the CPU solver).
