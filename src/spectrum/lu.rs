@@ -4,42 +4,56 @@ use faer::Mat;
 
 /// `a⁻¹ b` by Gaussian elimination with partial pivoting (a is p×p, p = 2r: tens of rows, where
 /// a general blocked LU costs more in setup than in arithmetic). `None` on an exactly zero pivot.
-/// Works on the transposes, so that each row operation runs over a contiguous column.
-pub(crate) fn solve_dense(a: Mat<f64>, b: Mat<f64>) -> Option<Mat<f64>> {
+/// Works in place on the column-major `a` and `b`, so that each row operation runs over a
+/// contiguous column; one small buffer (the multipliers) is the only allocation.
+pub(crate) fn solve_dense(mut a: Mat<f64>, mut b: Mat<f64>) -> Option<Mat<f64>> {
     let (p, c) = (a.nrows(), b.ncols());
-    // at[k] is column k of a; bt[j] is column j of b.
-    let mut at: Vec<Vec<f64>> = (0..p).map(|k| a.col_as_slice(k).to_vec()).collect();
-    let mut bt: Vec<Vec<f64>> = (0..c).map(|j| b.col_as_slice(j).to_vec()).collect();
+    let mut f = vec![0.0; p];
     for k in 0..p {
-        let col = &at[k];
+        let col = a.col_as_slice(k);
         let pivot = (k..p).max_by(|&i, &j| col[i].abs().total_cmp(&col[j].abs()))?;
-        if col[pivot] == 0.0 {
+        let pv = col[pivot];
+        if pv == 0.0 {
             return None;
         }
-        for v in at.iter_mut().chain(bt.iter_mut()) {
-            v.swap(k, pivot);
+        // Columns before k hold only multipliers below row k, which are not used again.
+        if pivot != k {
+            for j in k..p {
+                a.col_as_slice_mut(j).swap(k, pivot);
+            }
+            for j in 0..c {
+                b.col_as_slice_mut(j).swap(k, pivot);
+            }
         }
         // Multipliers below the pivot, then each later column loses f·(its pivot-row entry).
-        let f: Vec<f64> = at[k][k + 1..].iter().map(|x| x / at[k][k]).collect();
-        for v in at[k + 1..].iter_mut().chain(bt.iter_mut()) {
+        for (fi, x) in f[k + 1..].iter_mut().zip(&a.col_as_slice(k)[k + 1..]) {
+            *fi = x / pv;
+        }
+        let eliminate = |v: &mut [f64]| {
             let vk = v[k];
             if vk != 0.0 {
-                for (vi, fi) in v[k + 1..].iter_mut().zip(&f) {
+                for (vi, fi) in v[k + 1..].iter_mut().zip(&f[k + 1..]) {
                     *vi -= fi * vk;
                 }
             }
+        };
+        for j in k + 1..p {
+            eliminate(a.col_as_slice_mut(j));
+        }
+        for j in 0..c {
+            eliminate(b.col_as_slice_mut(j));
         }
     }
-    let mut out = Mat::zeros(p, c);
-    for (j, v) in bt.iter_mut().enumerate() {
+    for j in 0..c {
+        let v = b.col_as_slice_mut(j);
         for k in (0..p).rev() {
-            let xk = v[k] / at[k][k];
+            let ak = a.col_as_slice(k);
+            let xk = v[k] / ak[k];
             v[k] = xk;
-            for (vi, ai) in v[..k].iter_mut().zip(&at[k][..k]) {
+            for (vi, ai) in v[..k].iter_mut().zip(&ak[..k]) {
                 *vi -= ai * xk;
             }
         }
-        out.col_as_slice_mut(j).copy_from_slice(v);
     }
-    Some(out)
+    Some(b)
 }

@@ -9,7 +9,8 @@
 
 use super::kernels::{clipped_gap, mul};
 use super::lu::solve_dense;
-use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::BlockStructure;
+use faer::linalg::matmul::{matmul, triangular};
 use faer::{Accum, Mat, MatRef, Par};
 
 pub struct ShiftedGram {
@@ -41,15 +42,24 @@ impl ShiftedGram {
             .collect();
         let ez = scaled_rows(&e, self.z.as_ref());
         let eb = scaled_rows(&e, rhs);
+        // The capacitance is symmetric: only its lower triangle is computed, then mirrored.
         let mut capacitance = self.m_inv.clone();
-        matmul(
+        triangular::matmul(
             capacitance.as_mut(),
+            BlockStructure::TriangularLower,
             Accum::Add,
             self.zt.as_ref(),
+            BlockStructure::Rectangular,
             ez.as_ref(),
+            BlockStructure::Rectangular,
             1.0,
             Par::Seq,
         );
+        for j in 1..capacitance.ncols() {
+            for i in 0..j {
+                capacitance[(i, j)] = capacitance[(j, i)];
+            }
+        }
         let inner = solve_dense(capacitance, mul(self.zt.as_ref(), eb.as_ref()))?;
         let mut out = eb;
         matmul(
