@@ -393,16 +393,7 @@ impl RsvdPlan {
             b,                                                 // R's diagonal
             n.checked_add(c)?.checked_mul(k)?.checked_mul(3)?, // Ritz vectors, products, checks
         ];
-        let held = elems
-            .iter()
-            .try_fold(0usize, |acc, &e| acc.checked_add(e))?
-            .checked_mul(8)?;
-        let eig = ws_eig.checked_mul(8)?.checked_add(INFO_BYTES)?;
-        let qr = ws_qr
-            .checked_add(b)?
-            .checked_mul(8)?
-            .checked_add(INFO_BYTES)?;
-        held.checked_add(eig.max(qr))
+        held_and_workspace(&elems, ws_eig, ws_qr.checked_add(b)?)
     }
 }
 
@@ -480,15 +471,19 @@ impl SketchPlan {
             cols.checked_mul(residual_rows)?.checked_add(1)?,          // residual block, dot
             cap.checked_mul(cap)?.checked_add(cap)?,                   // BtᵀBt, eigenvalues
         ];
-        let held = elems
-            .iter()
-            .try_fold(0usize, |acc, &e| acc.checked_add(e))?
-            .checked_mul(8)?;
-        let eig = ws_eig.checked_mul(8)?.checked_add(INFO_BYTES)?;
-        let qr = ws_qr
-            .checked_add(block)?
-            .checked_mul(8)?
-            .checked_add(INFO_BYTES)?;
-        held.checked_add(eig.max(qr))
+        held_and_workspace(&elems, ws_eig, ws_qr.checked_add(block)?)
     }
+}
+
+/// Bytes of a solve: the f64 buffers it holds (`elems`) plus the larger of the syevd workspace
+/// (`ws_eig` elements) and the QR's (`ws_qr` elements, τ included), each with its info word;
+/// `None` on overflow.
+fn held_and_workspace(elems: &[usize], ws_eig: usize, ws_qr: usize) -> Option<usize> {
+    let held = elems
+        .iter()
+        .try_fold(0usize, |acc, &e| acc.checked_add(e))?
+        .checked_mul(8)?;
+    let eig = ws_eig.checked_mul(8)?.checked_add(INFO_BYTES)?;
+    let qr = ws_qr.checked_mul(8)?.checked_add(INFO_BYTES)?;
+    held.checked_add(eig.max(qr))
 }

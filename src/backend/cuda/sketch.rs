@@ -326,6 +326,28 @@ mod tests {
     use crate::backend::cuda::host::*;
     use crate::tensor::{DType, TensorRef};
 
+    /// `‖W − L·Rᵀ‖_F` recomputed on the host from the returned factors (column-major, `rank`
+    /// columns each) and the row-major `w`: the independent check of a claimed residual.
+    fn factor_residual(
+        w: &[f64],
+        left: &[f64],
+        right: &[f64],
+        rows: usize,
+        cols: usize,
+        rank: usize,
+    ) -> f64 {
+        let mut sum = 0.0;
+        for i in 0..rows {
+            for j in 0..cols {
+                let lr: f64 = (0..rank)
+                    .map(|t| left[i + t * rows] * right[j + t * cols])
+                    .sum();
+                sum += (w[i * cols + j] - lr).powi(2);
+            }
+        }
+        sum.sqrt()
+    }
+
     fn f64_bytes(w: &[f64]) -> Vec<u8> {
         w.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
@@ -392,16 +414,7 @@ mod tests {
             panic!("{eps:e}: not low rank");
         };
         assert_eq!(rank, r, "{eps:e}");
-        let mut actual = 0.0;
-        for i in 0..rows {
-            for j in 0..cols {
-                let lr: f64 = (0..rank)
-                    .map(|t| left[i + t * rows] * right[j + t * cols])
-                    .sum();
-                actual += (noisy[i * cols + j] - lr).powi(2);
-            }
-        }
-        let actual = f64::sqrt(actual);
+        let actual = factor_residual(&noisy, &left, &right, rows, cols, rank);
         assert!(actual <= threshold, "{eps:e}: {actual:e} > {threshold:e}");
         assert!(
             (actual - residual).abs() <= 1e-3 * actual,
@@ -540,16 +553,7 @@ mod tests {
         else {
             panic!("the merged layer was not found low rank: {got:?}");
         };
-        let mut actual = 0.0;
-        for i in 0..rows {
-            for j in 0..cols {
-                let lr: f64 = (0..rank)
-                    .map(|t| left[i + t * rows] * right[j + t * cols])
-                    .sum();
-                actual += (delta[i * cols + j] - lr).powi(2);
-            }
-        }
-        let actual = f64::sqrt(actual);
+        let actual = factor_residual(&delta, &left, &right, rows, cols, rank);
         println!(
             "gpu-check merged: rank-revealing sketch of W' - W0, {rows}x{cols} bf16 (merged r = \
              {r}): {secs:.2} s, rank {rank}, relative residual {:.1e} (host-checked {:.1e}, \
