@@ -329,4 +329,24 @@ mod tests {
         let p = Policy::parse(r#"{"rules": [], "on_invalid": "fail"}"#).unwrap();
         assert_eq!(p.on_invalid, OnInvalid::Fail);
     }
+
+    /// Found by the `policy` fuzz target (`fuzz/corpus/policy/crash-float-roundtrip`): without
+    /// serde_json's `float_roundtrip`, 1e-28 read back from our own JSON was one ulp off.
+    #[test]
+    fn thresholds_survive_a_json_round_trip_bit_for_bit() {
+        for t in [
+            1e-28f64,
+            0.30000000000000004,
+            2.2250738585072014e-308,
+            123456.78901234568,
+        ] {
+            let text = format!(
+                r#"{{"rules":[{{"metric":"total_intruders","threshold":{t:e},"action":"warn"}}]}}"#
+            );
+            let p = Policy::parse(&text).unwrap();
+            let again = Policy::parse(&serde_json::to_string(&p).unwrap()).unwrap();
+            assert_eq!(again, p, "{t:e}");
+            assert_eq!(again.rules[0].threshold.to_bits(), t.to_bits(), "{t:e}");
+        }
+    }
 }
