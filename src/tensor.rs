@@ -91,6 +91,18 @@ impl<'a> TensorRef<'a> {
         }
     }
 
+    /// Row `i` (< rows) as a 1×cols tensor over the same bytes: lets a pass over a large tensor
+    /// decode one row at a time instead of copying the whole of it.
+    pub fn row(&self, i: usize) -> TensorRef<'a> {
+        let width = self.cols * self.dtype.size();
+        TensorRef {
+            dtype: self.dtype,
+            rows: 1,
+            cols: self.cols,
+            bytes: &self.bytes[i * width..(i + 1) * width],
+        }
+    }
+
     /// All elements as f64, row-major.
     pub fn to_f64(&self) -> Vec<f64> {
         (0..self.len()).map(|i| self.get(i)).collect()
@@ -134,17 +146,30 @@ impl<'a> TensorRef<'a> {
     /// `NonFinite` error naming the first NaN or Inf. `what` names the tensor.
     pub fn checked_norm(&self, what: &str) -> Result<f64> {
         let mut sum = 0.0f64;
-        for i in 0..self.len() {
-            let x = self.get(i);
-            if !x.is_finite() {
-                bail!(
-                    NonFinite,
-                    "{what} has {x} at (row {}, col {})",
-                    i / self.cols,
-                    i % self.cols
-                );
+        let mut finite = true;
+        // A row at a time through the vectorised f32 decoding (f64 tensors element by element:
+        // rounding them to f32 could overflow), summed in f64 in the same order as before.
+        for i in 0..self.rows {
+            let row = self.row(i);
+            if self.dtype == DType::F64 {
+                for j in 0..self.cols {
+                    let x = row.get(j);
+                    finite &= x.is_finite();
+                    sum += x * x;
+                }
+            } else {
+                for x in row.to_f32() {
+                    finite &= x.is_finite();
+                    sum += f64::from(x) * f64::from(x);
+                }
             }
-            sum += x * x;
+            if !finite {
+                let (_, j) = row
+                    .first_non_finite()
+                    .expect("a non-finite value in this row");
+                let x = row.get(j);
+                bail!(NonFinite, "{what} has {x} at (row {i}, col {j})");
+            }
         }
         Ok(sum.sqrt())
     }
