@@ -16,7 +16,7 @@ use super::randomized::{
     self, DenseOp, LowRank, LowRankParams, Operator, RandomizedParams, RandomizedSvd,
 };
 use super::Solver;
-use crate::backend::{Backend, DeviceOperator, Spectrum};
+use crate::backend::{Backend, BackendKind, DeviceOperator, Spectrum};
 use crate::error::Result;
 use crate::tensor::{DType, TensorRef};
 
@@ -57,18 +57,21 @@ pub fn screen_checkpoint_matrix(
     params: &RandomizedParams,
 ) -> Result<Screened> {
     let (rows, cols) = (w0.rows, w0.cols);
-    // Both matrices are read a row at a time: whole f32 copies of a Llama MLP pair are 360 MB
-    // of page faults and writes for values each pass reads once.
-    let rows_of = |i: usize| (w0.row(i).to_f32(), w1.row(i).to_f32());
+    // On the CPU, ΔW is formed in f64 in the same pass that takes the norms; a device backend
+    // forms it itself from the stored matrices, so only the norms are taken here.
     let (mut fro_delta, mut fro_w1) = (0.0f64, 0.0f64);
-    for i in 0..rows {
-        let (r0, r1) = rows_of(i);
-        for (&x0, &x1) in r0.iter().zip(&r1) {
-            let d = x1 as f64 - x0 as f64;
-            fro_delta += d * d;
-            fro_w1 += (x1 as f64) * (x1 as f64);
-        }
-    }
+    let mut add = |(d2, w2): (f64, f64)| {
+        fro_delta += d2;
+        fro_w1 += w2;
+    };
+    let host_delta = if backend.kind() == BackendKind::Cpu {
+        Some(DenseOp::from_rows(rows, cols, |i, row| {
+            add(delta_row(w0, w1, i, Some(row)))
+        }))
+    } else {
+        (0..rows).for_each(|i| add(delta_row(w0, w1, i, None)));
+        None
+    };
     let (fro_delta, fro_w1) = (fro_delta.sqrt(), fro_w1.sqrt());
     // What storing W' in its dtype may have changed (≤ u·|w'| per entry), plus the arithmetic
     // slack of the solver's tolerance: a residual below this is not a property of the weights.
@@ -86,26 +89,26 @@ pub fn screen_checkpoint_matrix(
     // is about ‖N‖_F·(1/√rows + 1/√cols); its entries scale with |w'|, not uniformly, so 4×
     // that. A singular value of ΔW above it is the weights', and kept.
     let floor = 4.0 * threshold * (1.0 / (rows as f64).sqrt() + 1.0 / (cols as f64).sqrt());
-    // ΔW = W' − W0 on the device when the backend has one (both uploaded once, as one f64
-    // matrix), else formed here in f64.
-    let delta = DeviceOperator {
-        rows,
-        cols,
-        dense: vec![(1.0, *w1), (-1.0, *w0)],
-        low_rank: None,
-        row_scale: None,
-    };
     let sketch = lr.sketch(fro_delta, threshold, floor);
-    let decided = match super::device::low_rank(backend, &delta, &sketch)? {
-        Some(decided) => decided,
+    let on_host =
+        |delta_op: DenseOp| randomized::low_rank(&delta_op, fro_delta, threshold, floor, &lr);
+    let decided = match host_delta {
+        Some(delta_op) => on_host(delta_op),
         None => {
-            let delta_op = DenseOp::from_rows(rows, cols, |i, row| {
-                let (r0, r1) = rows_of(i);
-                for ((d, &x0), &x1) in row.iter_mut().zip(&r0).zip(&r1) {
-                    *d = x1 as f64 - x0 as f64;
-                }
-            });
-            randomized::low_rank(&delta_op, fro_delta, threshold, floor, &lr)
+            // ΔW = W' − W0 on the device (both uploaded once, as one f64 matrix).
+            let delta = DeviceOperator {
+                rows,
+                cols,
+                dense: vec![(1.0, *w1), (-1.0, *w0)],
+                low_rank: None,
+                row_scale: None,
+            };
+            match super::device::low_rank(backend, &delta, &sketch)? {
+                Some(decided) => decided,
+                None => on_host(DenseOp::from_rows(rows, cols, |i, row| {
+                    delta_row(w0, w1, i, Some(row));
+                })),
+            }
         }
     };
     match decided {
@@ -130,6 +133,36 @@ pub fn screen_checkpoint_matrix(
             )
         }
     }
+}
+
+/// Row `i` of `ΔW = W' − W0` (into `delta`, when given) and its share of the norms:
+/// `(‖ΔW_i‖², ‖W'_i‖²)`. A row at a time: whole f32 copies of a Llama MLP pair would be 360 MB of
+/// page faults and writes for values read once.
+fn delta_row(
+    w0: &TensorRef<'_>,
+    w1: &TensorRef<'_>,
+    i: usize,
+    delta: Option<&mut [f64]>,
+) -> (f64, f64) {
+    let (r0, r1) = (w0.row(i).to_f32(), w1.row(i).to_f32());
+    let (mut d2, mut w2) = (0.0f64, 0.0f64);
+    let mut each = |x0: f32, x1: f32| {
+        let d = f64::from(x1) - f64::from(x0);
+        d2 += d * d;
+        w2 += f64::from(x1) * f64::from(x1);
+        d
+    };
+    match delta {
+        Some(row) => {
+            for ((o, &x0), &x1) in row.iter_mut().zip(&r0).zip(&r1) {
+                *o = each(x0, x1);
+            }
+        }
+        None => r0.iter().zip(&r1).for_each(|(&x0, &x1)| {
+            each(x0, x1);
+        }),
+    }
+    (d2, w2)
 }
 
 /// A merged LoRA: `ΔW ≈ L·Rᵀ` of rank `f.rank` (0: within the storage rounding), screened by the
