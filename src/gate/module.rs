@@ -18,9 +18,10 @@ use crate::spectrum::{dense, Solver};
 use crate::tensor::TensorRef;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
+use std::hash::Hasher;
 use std::sync::Arc;
 use std::time::Instant;
-use xxhash_rust::xxh3::Xxh3;
+use twox_hash::XxHash3_64;
 
 /// What a clamp needs of one module's Brand solution, kept from its screening: the solved
 /// spectrum of `W'` and the singular vectors of the report's intruders, lifted while the base
@@ -77,14 +78,14 @@ pub type Solutions = BTreeMap<String, ModuleSolution>;
 /// xxh3 of a module's shape, scale and factor bits: ties a kept solution to the factors it solved,
 /// at the cost of reading them once.
 fn factor_fingerprint(lora: &LoraModule) -> u64 {
-    let mut h = Xxh3::new();
+    let mut h = XxHash3_64::new();
     for n in [lora.rank, lora.out_features, lora.in_features] {
-        h.update(&(n as u64).to_le_bytes());
+        h.write(&(n as u64).to_le_bytes());
     }
-    h.update(&lora.scale.to_bits().to_le_bytes());
-    h.update(bytemuck::cast_slice(&lora.a));
-    h.update(bytemuck::cast_slice(&lora.b));
-    h.digest()
+    h.write(&lora.scale.to_bits().to_le_bytes());
+    h.write(bytemuck::cast_slice(&lora.a));
+    h.write(bytemuck::cast_slice(&lora.b));
+    h.finish()
 }
 
 /// One module's line of the report, its warning, and its kept solution (see [`Gate::run`]).

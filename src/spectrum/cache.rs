@@ -12,9 +12,10 @@ use crate::safetensors_file::{self, FileIdentity, SafetensorsFile};
 use crate::tensor::{encode, DType, TensorRef};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use xxhash_rust::xxh3::{xxh3_128, Xxh3};
+use twox_hash::{XxHash3_128, XxHash3_64};
 
 /// Bumped whenever the file layout or the maths behind a cached spectrum changes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -34,7 +35,7 @@ impl Key {
     /// hashes at memory speed, which matters when a 7B base is fingerprinted at load time.
     pub fn of(t: &TensorRef<'_>) -> Key {
         Key {
-            fingerprint: xxh3_128(t.bytes),
+            fingerprint: XxHash3_128::oneshot(t.bytes),
             dtype: t.dtype,
             rows: t.rows,
             cols: t.cols,
@@ -487,12 +488,12 @@ fn read_vectors(f: &SafetensorsFile, name: &str, rows: usize, cols: usize) -> Re
 /// xxh3-64 of the values' bytes, and whether they are all finite: one pass, chunk by chunk, so
 /// each chunk is checked while it is in cache.
 fn checksum(parts: &[&[f32]]) -> (String, bool) {
-    let mut h = Xxh3::new();
+    let mut h = XxHash3_64::new();
     let mut finite = true;
     for chunk in parts.iter().flat_map(|p| p.chunks(16 * 1024)) {
         // A fold rather than `all`: without the early exit the check vectorises.
         finite &= chunk.iter().fold(true, |ok, x| ok & x.is_finite());
-        h.update(bytemuck::cast_slice(chunk));
+        h.write(bytemuck::cast_slice(chunk));
     }
-    (format!("{:016x}", h.digest()), finite)
+    (format!("{:016x}", h.finish()), finite)
 }
