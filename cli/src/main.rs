@@ -286,6 +286,20 @@ enum FailOn {
     Reject,
 }
 
+/// A CLI process lives for one scan: memory it frees is better kept for its next allocation than
+/// handed back to the kernel. glibc's defaults return large blocks (and trimmed heap tops of the
+/// worker threads' arenas) at once, so every module's working set was page-faulted and zeroed
+/// afresh: a fifth of a warm r = 16 one-shot scan's CPU time. Blocks up to 32 MiB come from the
+/// heap, and up to 128 MiB of free heap is kept. Library hosts keep their own allocator settings.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+    }
+}
+
 fn main() -> ExitCode {
     // A closed stdout or stderr (`scan … | head -2`) ends the process quietly, as for any
     // filter, instead of a panic in println!.
@@ -294,6 +308,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Scan(a) => scan(a),
