@@ -176,9 +176,13 @@ impl<'a> TensorRef<'a> {
 
     /// The first non-finite element, as (row, col), if any.
     pub fn first_non_finite(&self) -> Option<(usize, usize)> {
-        (0..self.len())
-            .find(|&i| !self.get(i).is_finite())
-            .map(|i| (i / self.cols, i % self.cols))
+        let at = |i: usize| (i / self.cols, i % self.cols);
+        if self.dtype == DType::F64 {
+            return (0..self.len()).find(|&i| !self.get(i).is_finite()).map(at);
+        }
+        // f32, f16 and bf16 decode to f32 exactly, NaN and Inf included; the vectorised decoding
+        // is several times faster than `get` per element (it was a third of an adapter's load).
+        self.to_f32().iter().position(|x| !x.is_finite()).map(at)
     }
 }
 
@@ -194,4 +198,56 @@ pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_non_finite_names_the_first_nan_or_inf_in_every_dtype() {
+        let (rows, cols) = (5, 7);
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+            for (at, bad) in [(0, f32::NAN), (18, f32::INFINITY), (34, f32::NEG_INFINITY)] {
+                let mut v: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.25 - 3.0).collect();
+                v[at] = bad;
+                // A later non-finite value must not be the one reported.
+                if at + 1 < v.len() {
+                    v[at + 1] = f32::NAN;
+                }
+                let bytes = encode(&v, dtype);
+                let t = TensorRef {
+                    dtype,
+                    rows,
+                    cols,
+                    bytes: &bytes,
+                };
+                assert_eq!(
+                    t.first_non_finite(),
+                    Some((at / cols, at % cols)),
+                    "{dtype:?}"
+                );
+            }
+            let bytes = encode(&vec![65504.0; rows * cols], dtype);
+            let t = TensorRef {
+                dtype,
+                rows,
+                cols,
+                bytes: &bytes,
+            };
+            assert_eq!(t.first_non_finite(), None, "{dtype:?}");
+        }
+        // A finite f64 beyond f32's range is finite in the file: no rounding to f32 first.
+        let big: Vec<u8> = [1e300f64, -2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let t = TensorRef {
+            dtype: DType::F64,
+            rows: 1,
+            cols: 2,
+            bytes: &big,
+        };
+        assert_eq!(t.first_non_finite(), None);
+    }
 }
