@@ -5,7 +5,7 @@
 //! `U0ᵀ P_B = 0`, the cosines of a left singular vector `u'_j = [U0 P_B] x_j` with every base vector
 //! are simply the first ρ entries of `x_j`.
 
-use super::kernels::{mul, norm};
+use super::kernels::{filled, mul, norm};
 use super::krylov::{self, Operator, Triplets};
 use super::params::SolverParams;
 use super::shift_invert::ShiftedGram;
@@ -147,7 +147,7 @@ impl Core {
     /// and `M = [[0, sI], [sI, s²RᵀR]]`, whose inverse is `[[−RᵀR, I/s], [I/s, 0]]`.
     fn left_gram(&self) -> ShiftedGram {
         let (rows, rank, s) = (self.l.nrows(), self.l.ncols(), self.scale);
-        let z = Mat::from_fn(rows, 2 * rank, |i, j| {
+        let z = filled(rows, 2 * rank, |i, j| {
             match (j < rank, self.sigma0.get(i)) {
                 (true, Some(&sigma)) => sigma * self.r[(i, j)],
                 (true, None) => 0.0,
@@ -238,14 +238,14 @@ fn split(
     residual_drop: f64,
 ) -> Result<(Mat<f64>, Mat<f64>, Mat<f64>)> {
     let coords = backend.project(basis, rho, n, f, r)?;
-    let mut m = Mat::<f64>::from_fn(rho, r, |i, j| coords[i * r + j] as f64);
+    let mut m = filled(rho, r, |i, j| coords[i * r + j] as f64);
     if rho == n {
         // The base vectors span all of R^n: nothing lies outside.
         return Ok((m, Mat::zeros(n, 0), Mat::zeros(0, r)));
     }
     let fm = MatRef::from_row_major_slice(f, n, r);
     let bt = MatRef::from_row_major_slice(basis, rho, n);
-    let mut res = Mat::<f64>::from_fn(n, r, |i, j| fm[(i, j)] as f64);
+    let mut res = filled(n, r, |i, j| fm[(i, j)] as f64);
     let f_norm = frobenius(&res);
     // Classical Gram–Schmidt against the base vectors, repeated only when the residual is
     // small relative to the factor (then one pass leaves it measurably non-orthogonal).
@@ -253,7 +253,7 @@ fn split(
     let mut coef = m.clone();
     for pass in 0..2 {
         let before = frobenius(&res);
-        let coef32 = Mat::<f32>::from_fn(rho, r, |i, j| coef[(i, j)] as f32);
+        let coef32 = filled(rho, r, |i, j| coef[(i, j)] as f32);
         let mut back = Mat::<f32>::zeros(n, r);
         matmul(
             back.as_mut(),
@@ -271,7 +271,7 @@ fn split(
         if pass == 1 || frobenius(&res) > 0.5 * before {
             break;
         }
-        let res32 = Mat::<f32>::from_fn(n, r, |i, j| res[(i, j)] as f32);
+        let res32 = filled(n, r, |i, j| res[(i, j)] as f32);
         let mut c = Mat::<f32>::zeros(rho, r);
         matmul(
             c.as_mut(),
@@ -281,7 +281,7 @@ fn split(
             1.0,
             Par::Seq,
         );
-        coef = Mat::<f64>::from_fn(rho, r, |i, j| c[(i, j)] as f64);
+        coef = filled(rho, r, |i, j| c[(i, j)] as f64);
         m += &coef;
     }
     if frobenius(&res) <= residual_drop * f_norm {
@@ -301,7 +301,7 @@ fn frobenius(a: &Mat<f64>) -> f64 {
 /// Stacks `[top; bottom]` (same column count).
 fn stack(top: &Mat<f64>, bottom: &Mat<f64>) -> Mat<f64> {
     let (t, c) = (top.nrows(), top.ncols());
-    Mat::from_fn(t + bottom.nrows(), c, |i, j| {
+    filled(t + bottom.nrows(), c, |i, j| {
         if i < t {
             top[(i, j)]
         } else {
@@ -349,7 +349,7 @@ pub fn solve(
     }
     // Start from the top base directions and the adapter's left factor: the top left singular
     // space of W' lies close to their span, so the solve needs only a few blocks.
-    let start = Mat::<f64>::from_fn(n_l, lead + r, |i, j| {
+    let start = filled(n_l, lead + r, |i, j| {
         if j < lead {
             f64::from(u8::from(i == j))
         } else {

@@ -12,6 +12,23 @@ pub(crate) fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     out
 }
 
+/// `Mat::from_fn`, filled a column at a time through slices. faer's `from_fn` cost about four
+/// times as much per element, which at these sizes (hundreds of rows, tens of columns) was as
+/// much as the products the solver stages build these matrices for.
+pub(crate) fn filled<T: faer::traits::ComplexField + Copy>(
+    rows: usize,
+    cols: usize,
+    f: impl Fn(usize, usize) -> T,
+) -> Mat<T> {
+    let mut out = Mat::<T>::zeros(rows, cols);
+    for j in 0..cols {
+        for (i, o) in out.col_as_slice_mut(j).iter_mut().enumerate() {
+            *o = f(i, j);
+        }
+    }
+    out
+}
+
 /// Euclidean norm of a column. faer's `norm_l2` rescales to avoid overflow, which cost a third of
 /// the whole solve here; these columns come from f32 data, whose squares cannot overflow f64.
 pub(crate) fn norm(c: ColRef<'_, f64>) -> f64 {

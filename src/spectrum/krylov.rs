@@ -12,7 +12,7 @@
 //! When the operator can also shift-invert `G` (the Brand core for r ≤ 32), pairs that are
 //! already close take a Jacobi–Davidson step instead, which converges cubically.
 
-use super::kernels::{clipped_gap, mul, norm};
+use super::kernels::{clipped_gap, filled, mul, norm};
 use super::orthonormalize::orthonormalize_into;
 use super::params::SolverParams;
 use super::rng::seeded_block;
@@ -168,8 +168,12 @@ fn polish(
     loop {
         let step = c.as_ref().unwrap_or(first);
         for (col, &j) in step.pairs.iter().enumerate() {
-            for i in 0..n {
-                from[(i, j)] -= step.block[(i, col)];
+            for (f, &b) in from
+                .col_as_slice_mut(j)
+                .iter_mut()
+                .zip(step.block.col_as_slice(col))
+            {
+                *f -= b;
             }
         }
         let mut q = Mat::zeros(n, take);
@@ -233,21 +237,22 @@ fn davidson_block(
         let theta = rr.triplets.sigma[j].powi(2);
         let (x, r) = (rr.triplets.x.col(j), rr.residuals.col(j));
         if rr.residual_norms[j] <= s.shift_invert_below * sigma1 {
-            let rhs = Mat::from_fn(n, 2, |i, k| if k == 0 { r[i] } else { x[i] });
+            let rhs = filled(n, 2, |i, k| if k == 0 { r[i] } else { x[i] });
             if let Some(p) = op.shift_invert(theta, rhs.as_ref()) {
                 let (pr, px) = (p.col(0), p.col(1));
                 let eps = (x.transpose() * pr) / (x.transpose() * px);
                 if eps.is_finite() {
-                    for i in 0..n {
-                        out[(i, c)] = pr[i] - eps * px[i];
+                    let (pr, px) = (p.col_as_slice(0), p.col_as_slice(1));
+                    for ((o, &a), &b) in out.col_as_slice_mut(c).iter_mut().zip(pr).zip(px) {
+                        *o = a - eps * b;
                     }
                     continue;
                 }
             }
         }
         all_jacobi_davidson = false;
-        for i in 0..n {
-            out[(i, c)] = r[i] / clipped_gap(diag[i], theta);
+        for (i, o) in out.col_as_slice_mut(c).iter_mut().enumerate() {
+            *o = r[i] / clipped_gap(diag[i], theta);
         }
     }
     Corrections {
@@ -290,16 +295,21 @@ pub(crate) fn rayleigh_ritz(
     let zc = mul(z.as_ref().subcols(0, m), coeff.as_ref());
     let wc = mul(w.as_ref().subcols(0, m), coeff.as_ref());
     let mut y = zc;
-    let residuals = Mat::from_fn(x.nrows(), take, |r, c| {
-        wc[(r, c)] - sigma[c] * sigma[c] * x[(r, c)]
-    });
+    let mut residuals = Mat::zeros(x.nrows(), take);
+    for (c, &sig) in sigma.iter().enumerate() {
+        let theta = sig * sig;
+        let (wc, x) = (wc.col_as_slice(c), x.col_as_slice(c));
+        for ((r, &w), &xi) in residuals.col_as_slice_mut(c).iter_mut().zip(wc).zip(x) {
+            *r = w - theta * xi;
+        }
+    }
     let mut residual_norms = Vec::with_capacity(take);
     for (c, &sig) in sigma.iter().enumerate() {
         // ‖K y − σ x‖ with y = Kᵀx/σ equals ‖G x − σ² x‖/σ. A zero σ has y = 0 and is exact.
         if sig > 0.0 {
             residual_norms.push(norm(residuals.col(c)) / sig);
-            for r in 0..y.nrows() {
-                y[(r, c)] /= sig;
+            for v in y.col_as_slice_mut(c) {
+                *v /= sig;
             }
         } else {
             residual_norms.push(0.0);
