@@ -167,6 +167,62 @@ pub fn write_peak_rss_if_asked() {
 /// the cold pass, a pool thread waking up): a server's gate screens many adapters.
 const WARM_SAMPLES: usize = 5;
 
+/// `reps` (at least one) timed runs of `f`: the median time and the last result.
+fn repeated<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<(f64, T)> {
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..reps.max(1) {
+        let (t, x) = timed(&mut f)?;
+        times.push(t);
+        last = Some(x);
+    }
+    Ok((median(times), last.expect("at least one repetition")))
+}
+
+/// The Brand side of a row, as the CLI runs it: per repetition a fresh cache under `cache_root`,
+/// one cold screening and [`WARM_SAMPLES`] warm ones with the spectra in memory, then as many on a
+/// gate without a memory cache (every spectrum read from disk). Medians, and the last warm report.
+/// Repetition 0's cache is left for [`warm_scan_rss`].
+struct BrandTimes {
+    cold: f64,
+    warm_memory: f64,
+    warm_disk: f64,
+    report: Report,
+}
+
+fn time_brand(
+    cache_root: &Path,
+    base_path: &Path,
+    reps: usize,
+    screen: impl Fn(&Gate) -> Result<Report>,
+) -> Result<BrandTimes> {
+    let (mut cold, mut warm_mem, mut warm_disk) = (Vec::new(), Vec::new(), Vec::new());
+    let mut report = None;
+    for rep in 0..reps.max(1) {
+        let cache = cache_root.join(rep.to_string());
+        let _ = std::fs::remove_dir_all(&cache);
+        let g = gate(Some(&cache), true)?;
+        g.attach_base(base_path)?;
+        cold.push(timed(|| screen(&g))?.0);
+        for _ in 0..WARM_SAMPLES {
+            let (t, r) = timed(|| screen(&g))?;
+            warm_mem.push(t);
+            report = Some(r);
+        }
+        let fresh = gate(Some(&cache), false)?;
+        fresh.attach_base(base_path)?;
+        for _ in 0..WARM_SAMPLES {
+            warm_disk.push(timed(|| screen(&fresh))?.0);
+        }
+    }
+    Ok(BrandTimes {
+        cold: median(cold),
+        warm_memory: median(warm_mem),
+        warm_disk: median(warm_disk),
+        report: report.expect("at least one repetition"),
+    })
+}
+
 /// Times one base + adapter configuration. `reps` repetitions for the cheap methods, `dense_reps`
 /// for the dense one (minutes per repetition at LLM scale).
 pub fn measure(
@@ -179,35 +235,9 @@ pub fn measure(
 ) -> Result<Row> {
     let base = BaseModel::open(base_path, &Default::default())?;
     let adapter = adapter::load_peft_dir(adapter_path, &Default::default())?;
-    let mut dense_times = Vec::new();
-    let mut dense_intruders = Vec::new();
-    for _ in 0..dense_reps.max(1) {
-        let (t, d) = timed(|| dense_f32(&base, &adapter, 10, 0.5))?;
-        dense_times.push(t);
-        dense_intruders = d;
-    }
-    let (mut cold, mut warm_mem, mut warm_disk) = (Vec::new(), Vec::new(), Vec::new());
-    let mut report = None;
+    let (dense, dense_intruders) = repeated(dense_reps, || dense_f32(&base, &adapter, 10, 0.5))?;
     let cache_root = scratch.join(format!("bench-cache-{name}"));
-    for rep in 0..reps.max(1) {
-        let cache = cache_root.join(rep.to_string());
-        let _ = std::fs::remove_dir_all(&cache);
-        let g = gate(Some(&cache), true)?;
-        g.attach_base(base_path)?;
-        cold.push(timed(|| g.screen(&adapter))?.0);
-        for _ in 0..WARM_SAMPLES {
-            let (t, r) = timed(|| g.screen(&adapter))?;
-            warm_mem.push(t);
-            report = Some(r);
-        }
-        // No memory cache: every screening of this gate reads the spectra from disk.
-        let fresh = gate(Some(&cache), false)?;
-        fresh.attach_base(base_path)?;
-        for _ in 0..WARM_SAMPLES {
-            warm_disk.push(timed(|| fresh.screen(&adapter))?.0);
-        }
-    }
-    let report = report.expect("at least one repetition");
+    let brand = time_brand(&cache_root, base_path, reps, |g| g.screen(&adapter))?;
     let rss = warm_scan_rss(
         base_path,
         ("--adapter", adapter_path),
@@ -218,14 +248,14 @@ pub fn measure(
     Ok(Row {
         name: name.to_string(),
         modules: adapter.modules.len(),
-        dense: median(dense_times),
-        brand_cold: median(cold),
-        brand_warm_memory: median(warm_mem),
-        brand_warm_disk: median(warm_disk),
+        dense,
+        brand_cold: brand.cold,
+        brand_warm_memory: brand.warm_memory,
+        brand_warm_disk: brand.warm_disk,
         warm_scan_peak_rss_mib: rss,
         dense_intruders: dense_intruders.iter().map(Vec::len).sum(),
-        brand_intruders: report.total_intruders,
-        verdicts_agree: agree(&dense_intruders, &report),
+        brand_intruders: brand.report.total_intruders,
+        verdicts_agree: agree(&dense_intruders, &brand.report),
     })
 }
 
@@ -249,44 +279,19 @@ pub fn measure_tuned(
             _ => false,
         })
         .collect();
-    let mut dense_times = Vec::new();
-    let mut dense_intruders = Vec::new();
-    for _ in 0..dense_reps.max(1) {
-        let (t, d) = timed(|| {
-            changed
-                .iter()
-                .map(|n| {
-                    let (b, t) = (base.matrix(n)?, tuned.matrix(n)?);
-                    dense_f32_pair(&b.to_f32(), &t.to_f32(), b.rows, b.cols, 10, 0.5)
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        dense_times.push(t);
-        dense_intruders = d;
-    }
+    let (dense, dense_intruders) = repeated(dense_reps, || {
+        changed
+            .iter()
+            .map(|n| {
+                let (b, t) = (base.matrix(n)?, tuned.matrix(n)?);
+                dense_f32_pair(&b.to_f32(), &t.to_f32(), b.rows, b.cols, 10, 0.5)
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
     drop((base, tuned));
-    let (mut cold, mut warm_mem, mut warm_disk) = (Vec::new(), Vec::new(), Vec::new());
-    let mut report = None;
     let cache_root = scratch.join(format!("bench-cache-{}", name.replace(' ', "_")));
-    for rep in 0..reps.max(1) {
-        let cache = cache_root.join(rep.to_string());
-        let _ = std::fs::remove_dir_all(&cache);
-        let g = gate(Some(&cache), true)?;
-        g.attach_base(base_path)?;
-        cold.push(timed(|| g.screen_tuned(tuned_path))?.0);
-        for _ in 0..WARM_SAMPLES {
-            let (t, r) = timed(|| g.screen_tuned(tuned_path))?;
-            warm_mem.push(t);
-            report = Some(r);
-        }
-        // No memory cache: every screening of this gate reads the spectra from disk.
-        let fresh = gate(Some(&cache), false)?;
-        fresh.attach_base(base_path)?;
-        for _ in 0..WARM_SAMPLES {
-            warm_disk.push(timed(|| fresh.screen_tuned(tuned_path))?.0);
-        }
-    }
-    let report: Report = report.expect("at least one repetition");
+    let brand = time_brand(&cache_root, base_path, reps, |g| g.screen_tuned(tuned_path))?;
+    let report = &brand.report;
     let rss = warm_scan_rss(
         base_path,
         ("--tuned", tuned_path),
@@ -317,10 +322,10 @@ pub fn measure_tuned(
     Ok(Row {
         name: name.to_string(),
         modules: changed.len(),
-        dense: median(dense_times),
-        brand_cold: median(cold),
-        brand_warm_memory: median(warm_mem),
-        brand_warm_disk: median(warm_disk),
+        dense,
+        brand_cold: brand.cold,
+        brand_warm_memory: brand.warm_memory,
+        brand_warm_disk: brand.warm_disk,
         warm_scan_peak_rss_mib: rss,
         dense_intruders: dense_intruders.iter().map(Vec::len).sum(),
         brand_intruders: report.total_intruders,
