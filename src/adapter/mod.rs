@@ -90,7 +90,6 @@ impl Adapter {
     }
 }
 
-/// Rank, limits, buffer sizes and finiteness of one module.
 /// `‖v‖₂` accumulated in f64, which no f32 input overflows, with eight partial sums: one chain of
 /// dependent additions was most of an adapter's load, which runs before the parallel screening.
 fn frobenius(v: &[f32]) -> f64 {
@@ -109,6 +108,7 @@ fn frobenius(v: &[f32]) -> f64 {
     (acc.iter().sum::<f64>() + tail).sqrt()
 }
 
+/// Rank, limits, buffer sizes and finiteness of one module.
 pub fn validate_module(m: &LoraModule, limits: &Limits) -> Result<()> {
     let name = &m.name;
     if m.rank == 0 {
