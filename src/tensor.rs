@@ -216,10 +216,25 @@ pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// `first_non_finite` of `v` stored as `dtype`, `rows × cols`.
+    fn first_bad<T: Copy>(
+        v: &[T],
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        bytes: impl Fn(&[T]) -> Vec<u8>,
+    ) -> Option<(usize, usize)> {
+        let b = bytes(v);
+        TensorRef::new(dtype, rows, cols, &b)
+            .unwrap()
+            .first_non_finite()
+    }
+
     #[test]
     fn first_non_finite_names_the_first_nan_or_inf_in_every_dtype() {
         let (rows, cols) = (5, 7);
         for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+            let enc = |v: &[f32]| encode(v, dtype);
             for (at, bad) in [(0, f32::NAN), (18, f32::INFINITY), (34, f32::NEG_INFINITY)] {
                 let mut v: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.25 - 3.0).collect();
                 v[at] = bad;
@@ -227,53 +242,26 @@ mod tests {
                 if at + 1 < v.len() {
                     v[at + 1] = f32::NAN;
                 }
-                let bytes = encode(&v, dtype);
-                let t = TensorRef {
-                    dtype,
-                    rows,
-                    cols,
-                    bytes: &bytes,
-                };
-                assert_eq!(
-                    t.first_non_finite(),
-                    Some((at / cols, at % cols)),
-                    "{dtype:?}"
-                );
+                let got = first_bad(&v, dtype, rows, cols, enc);
+                assert_eq!(got, Some((at / cols, at % cols)), "{dtype:?}");
             }
-            let bytes = encode(&vec![65504.0; rows * cols], dtype);
-            let t = TensorRef {
-                dtype,
-                rows,
-                cols,
-                bytes: &bytes,
-            };
-            assert_eq!(t.first_non_finite(), None, "{dtype:?}");
+            let finite = vec![65504.0; rows * cols];
+            assert_eq!(
+                first_bad(&finite, dtype, rows, cols, enc),
+                None,
+                "{dtype:?}"
+            );
         }
         // Several decoding blocks (16K values each): a value in a later block, at its place.
         let (rows, cols) = (70, 1000);
         let mut v = vec![0.5f32; rows * cols];
         v[53 * cols + 17] = f32::NAN;
         for dtype in [DType::F32, DType::BF16] {
-            let bytes = encode(&v, dtype);
-            let t = TensorRef {
-                dtype,
-                rows,
-                cols,
-                bytes: &bytes,
-            };
-            assert_eq!(t.first_non_finite(), Some((53, 17)), "{dtype:?}");
+            let got = first_bad(&v, dtype, rows, cols, |v| encode(v, dtype));
+            assert_eq!(got, Some((53, 17)), "{dtype:?}");
         }
         // A finite f64 beyond f32's range is finite in the file: no rounding to f32 first.
-        let big: Vec<u8> = [1e300f64, -2.0]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        let t = TensorRef {
-            dtype: DType::F64,
-            rows: 1,
-            cols: 2,
-            bytes: &big,
-        };
-        assert_eq!(t.first_non_finite(), None);
+        let f64_bytes = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(first_bad(&[1e300, -2.0], DType::F64, 1, 2, f64_bytes), None);
     }
 }
