@@ -234,6 +234,38 @@ fn infinity_in_a_is_refused() {
 }
 
 #[test]
+fn a_load_on_a_pool_names_the_first_bad_module_in_module_order() {
+    // `a.big` sorts first and is slow to check (its NaN is its last value); `b.small` has a NaN
+    // at its first. On a pool of two, a load that returned whichever error came first in time
+    // would name b.small.
+    let [mut big_a, big_b] = pair("a.big", 2, 500_000, 4);
+    let mut vals = ramp(1_000_000);
+    vals[999_999] = f32::NAN;
+    big_a.3 = encode(&vals, DType::F32);
+    let [mut small_a, small_b] = pair("b.small", 2, 3, 4);
+    let mut vals = ramp(6);
+    vals[0] = f32::NAN;
+    small_a.3 = encode(&vals, DType::F32);
+    let dir = peft_dir(LORA_CONFIG, &[big_a, big_b, small_a, small_b]);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for _ in 0..10 {
+        assert_err(
+            pool.install(|| load_peft_dir(dir.path(), &limits())),
+            ErrorKind::NonFinite,
+            &["a.big.lora_A.weight", "(row 1, col 499999)"],
+        );
+    }
+    assert_err(
+        load_peft_dir(dir.path(), &limits()),
+        ErrorKind::NonFinite,
+        &["a.big.lora_A.weight"],
+    );
+}
+
+#[test]
 fn a_without_b_and_b_without_a_are_refused() {
     let [a, b] = pair("layer.q", 2, 3, 4);
     let dir = peft_dir(LORA_CONFIG, &[a]);

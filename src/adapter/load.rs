@@ -1,7 +1,7 @@
 //! Loading a PEFT `save_pretrained` directory: `adapter_config.json` and
 //! `adapter_model.safetensors`.
 
-use super::{Adapter, AdapterConfig, LoraModule};
+use super::{map_in_pool, Adapter, AdapterConfig, LoraModule};
 use crate::bail;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
@@ -142,14 +142,13 @@ impl PeftDir {
     pub fn load(self, limits: &Limits) -> Result<Adapter> {
         let d = self.dir.display();
         let weights_path = self.dir.join(WEIGHTS);
-        let modules = self
-            .modules
-            .iter()
-            .map(|m| {
-                load_module(&self.file, m, &self.config)
-                    .map_err(|e| e.context(weights_path.display()))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Module by module, in parallel on the gate's pool when it loads (`map_in_pool`): decoding
+        // and checking the weights ran serially before the parallel screening. Every module is read
+        // before an error is returned, so the error is the first in module order, as serially.
+        let modules = map_in_pool(&self.modules, |m| load_module(&self.file, m, &self.config))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| e.context(weights_path.display()))?;
         let adapter = Adapter {
             name: self
                 .dir

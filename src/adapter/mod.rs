@@ -13,6 +13,7 @@ use crate::bail;
 use crate::error::Result;
 use crate::limits::Limits;
 use crate::tensor::DType;
+use rayon::prelude::*;
 use std::path::PathBuf;
 
 /// One adapted matrix: ΔW = scale · B · A.
@@ -74,8 +75,11 @@ impl Adapter {
                 self.name
             );
         }
-        for m in &self.modules {
-            validate_module(m, limits).map_err(|e| e.context(format!("adapter {}", self.name)))?;
+        // Each module's finiteness and norm pass over its factors, in parallel where a pool is at
+        // hand; the first error in module order is the one returned.
+        let checked = map_in_pool(&self.modules, |m| validate_module(m, limits));
+        if let Some(e) = checked.into_iter().find_map(Result::err) {
+            return Err(e.context(format!("adapter {}", self.name)));
         }
         self.modules.sort_by(|x, y| x.name.cmp(&y.name));
         if let Some(w) = self.modules.windows(2).find(|w| w[0].name == w[1].name) {
@@ -87,6 +91,18 @@ impl Adapter {
             );
         }
         Ok(self)
+    }
+}
+
+/// `f` over `items`, results in order: in parallel when called from inside a rayon pool (the
+/// gate's, which loads adapters on it), serially otherwise, so that loading an adapter from a
+/// host's own thread (`ig_adapter_load`, a direct [`load_peft_dir`]) never starts rayon's global
+/// pool behind the host's back.
+fn map_in_pool<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
+    if rayon::current_thread_index().is_some() {
+        items.par_iter().map(f).collect()
+    } else {
+        items.iter().map(f).collect()
     }
 }
 

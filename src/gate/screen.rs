@@ -68,7 +68,8 @@ impl Gate {
             let base = self.base.read();
             Self::map_checked(&base, &shapes, peft.config().fan_in_fan_out)?;
         }
-        peft.load(limits)
+        // On the gate's pool, which the loader uses to read the modules in parallel.
+        self.pool.install(|| peft.load(limits))
     }
 
     /// Screens an adapter already in memory.
