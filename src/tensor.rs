@@ -94,13 +94,27 @@ impl<'a> TensorRef<'a> {
     /// Row `i` (< rows) as a 1×cols tensor over the same bytes: lets a pass over a large tensor
     /// decode one row at a time instead of copying the whole of it.
     pub fn row(&self, i: usize) -> TensorRef<'a> {
+        self.row_range(i, 1)
+    }
+
+    /// Rows `start..start + count` as a tensor over the same bytes.
+    fn row_range(&self, start: usize, count: usize) -> TensorRef<'a> {
         let width = self.cols * self.dtype.size();
         TensorRef {
-            dtype: self.dtype,
-            rows: 1,
-            cols: self.cols,
-            bytes: &self.bytes[i * width..(i + 1) * width],
+            rows: count,
+            bytes: &self.bytes[start * width..(start + count) * width],
+            ..*self
         }
+    }
+
+    /// The tensor in blocks of whole rows, ~16K values each, with each block's first row: a pass
+    /// that decodes a block at a time through [`TensorRef::to_f32`] (several times faster than
+    /// element by element) keeps its decoded copy small for a tensor of any size.
+    fn row_blocks(&self) -> impl Iterator<Item = (usize, TensorRef<'a>)> + '_ {
+        let block_rows = (16 * 1024 / self.cols.max(1)).max(1);
+        (0..self.rows)
+            .step_by(block_rows)
+            .map(move |r0| (r0, self.row_range(r0, block_rows.min(self.rows - r0))))
     }
 
     /// All elements as f64, row-major.
@@ -147,28 +161,28 @@ impl<'a> TensorRef<'a> {
     pub fn checked_norm(&self, what: &str) -> Result<f64> {
         let mut sum = 0.0f64;
         let mut finite = true;
-        // A row at a time through the vectorised f32 decoding (f64 tensors element by element:
-        // rounding them to f32 could overflow), summed in f64 in the same order as before.
-        for i in 0..self.rows {
-            let row = self.row(i);
+        // f32, f16 and bf16 a block of rows at a time through the vectorised decoding, f64
+        // element by element (rounding it to f32 could overflow); summed in f64 in row-major
+        // order either way.
+        for (r0, block) in self.row_blocks() {
             if self.dtype == DType::F64 {
-                for j in 0..self.cols {
-                    let x = row.get(j);
+                for j in 0..block.len() {
+                    let x = block.get(j);
                     finite &= x.is_finite();
                     sum += x * x;
                 }
             } else {
-                for x in row.to_f32() {
+                for x in block.to_f32() {
                     finite &= x.is_finite();
                     sum += f64::from(x) * f64::from(x);
                 }
             }
             if !finite {
-                let (_, j) = row
+                let (i, j) = block
                     .first_non_finite()
-                    .expect("a non-finite value in this row");
-                let x = row.get(j);
-                bail!(NonFinite, "{what} has {x} at (row {i}, col {j})");
+                    .expect("a non-finite value in this block");
+                let x = block.get(i * self.cols + j);
+                bail!(NonFinite, "{what} has {x} at (row {}, col {j})", r0 + i);
             }
         }
         Ok(sum.sqrt())
@@ -182,16 +196,7 @@ impl<'a> TensorRef<'a> {
         }
         // f32, f16 and bf16 decode to f32 exactly, NaN and Inf included; the vectorised decoding
         // is several times faster than `get` per element (it was a third of an adapter's load).
-        // Blocks of whole rows, ~16K values each, keep the decoded copy small for any tensor.
-        let block_rows = (16 * 1024 / self.cols.max(1)).max(1);
-        let row_bytes = self.cols * self.dtype.size();
-        (0..self.rows).step_by(block_rows).find_map(|r0| {
-            let rows = block_rows.min(self.rows - r0);
-            let block = TensorRef {
-                rows,
-                bytes: &self.bytes[r0 * row_bytes..(r0 + rows) * row_bytes],
-                ..*self
-            };
+        self.row_blocks().find_map(|(r0, block)| {
             let i = block.to_f32().iter().position(|x| !x.is_finite())?;
             Some(at(r0 * self.cols + i))
         })
@@ -263,5 +268,39 @@ mod tests {
         // A finite f64 beyond f32's range is finite in the file: no rounding to f32 first.
         let f64_bytes = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(first_bad(&[1e300, -2.0], DType::F64, 1, 2, f64_bytes), None);
+    }
+
+    #[test]
+    fn checked_norm_sums_every_block_and_names_a_nan_in_a_later_one() {
+        // 70 rows of 1000: five decoding blocks of 16 rows, the last one short.
+        let (rows, cols) = (70, 1000);
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
+            .collect();
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+            let b = encode(&v, dtype);
+            let t = TensorRef::new(dtype, rows, cols, &b).unwrap();
+            // The reference: every stored value, decoded one at a time, squared and summed in f64.
+            let want = (0..t.len()).map(|i| t.get(i).powi(2)).sum::<f64>().sqrt();
+            let got = t.checked_norm("w").unwrap();
+            assert!(
+                (got - want).abs() <= 1e-12 * want,
+                "{dtype:?}: {got} vs {want}"
+            );
+            let mut bad = v.clone();
+            bad[65 * cols + 999] = f32::INFINITY;
+            bad[66 * cols] = f32::NAN;
+            let b = encode(&bad, dtype);
+            let e = TensorRef::new(dtype, rows, cols, &b)
+                .unwrap()
+                .checked_norm("w")
+                .unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::NonFinite, "{dtype:?}");
+            assert!(
+                e.message().contains("w has inf at (row 65, col 999)"),
+                "{dtype:?}: {}",
+                e.message()
+            );
+        }
     }
 }
