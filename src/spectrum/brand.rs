@@ -7,6 +7,7 @@
 
 use super::kernels::{filled, mul, norm};
 use super::krylov::{self, Operator, Triplets};
+use super::orthonormalize::orthonormalize_into;
 use super::params::SolverParams;
 use super::shift_invert::ShiftedGram;
 use super::Solver;
@@ -287,9 +288,14 @@ fn split(
     if frobenius(&res) <= residual_drop * f_norm {
         return Ok((m, Mat::zeros(n, 0), Mat::zeros(0, r)));
     }
-    let qr = res.qr();
-    let p = qr.compute_thin_Q();
-    let rr = qr.thin_R().to_owned();
+    // `res = P·R` with P orthonormal, by the Krylov basis' block orthonormalisation (Cholesky QR,
+    // DGKS for near-dependent columns, which it drops): faer's Householder QR of this tall,
+    // thin block was half the split of a 1536-row factor, with its rayon fork-joins inside the
+    // module's job. R = Pᵀ·res keeps `res = P·R` exact to rounding even when a column is dropped.
+    let mut p = Mat::zeros(n, r);
+    let kept = orthonormalize_into(p.as_mut(), 0, res.as_ref());
+    p.truncate(n, kept);
+    let rr = mul(p.transpose(), res.as_ref());
     Ok((m, p, rr))
 }
 
