@@ -205,13 +205,19 @@ fn missing_safetensors_file_is_an_io_error_naming_it() {
 
 // ---- adapters: malformed inputs ----
 
+/// `t` (one of `pair`'s tensors) with `value` at row-major index `at` instead of its ramp value.
+fn poisoned(mut t: Tensor, at: usize, value: f32) -> Tensor {
+    let mut vals = ramp(t.2.iter().product());
+    vals[at] = value;
+    t.3 = encode(&vals, DType::F32);
+    t
+}
+
 #[test]
 fn nan_in_b_is_refused_with_its_position() {
-    let [a, mut b] = pair("layer.q", 2, 3, 4);
-    let mut vals = ramp(8);
-    vals[5] = f32::NAN; // row 2, col 1 of [4, 2]
-    b.3 = encode(&vals, DType::F32);
-    let dir = peft_dir(LORA_CONFIG, &[a, b]);
+    let [a, b] = pair("layer.q", 2, 3, 4);
+    // Row 2, col 1 of [4, 2].
+    let dir = peft_dir(LORA_CONFIG, &[a, poisoned(b, 5, f32::NAN)]);
     assert_err(
         load_peft_dir(dir.path(), &limits()),
         ErrorKind::NonFinite,
@@ -221,11 +227,8 @@ fn nan_in_b_is_refused_with_its_position() {
 
 #[test]
 fn infinity_in_a_is_refused() {
-    let [mut a, b] = pair("layer.q", 2, 3, 4);
-    let mut vals = ramp(6);
-    vals[0] = f32::INFINITY;
-    a.3 = encode(&vals, DType::F32);
-    let dir = peft_dir(LORA_CONFIG, &[a, b]);
+    let [a, b] = pair("layer.q", 2, 3, 4);
+    let dir = peft_dir(LORA_CONFIG, &[poisoned(a, 0, f32::INFINITY), b]);
     assert_err(
         load_peft_dir(dir.path(), &limits()),
         ErrorKind::NonFinite,
@@ -238,15 +241,17 @@ fn a_load_on_a_pool_names_the_first_bad_module_in_module_order() {
     // `a.big` sorts first and is slow to check (its NaN is its last value); `b.small` has a NaN
     // at its first. On a pool of two, a load that returned whichever error came first in time
     // would name b.small.
-    let [mut big_a, big_b] = pair("a.big", 2, 500_000, 4);
-    let mut vals = ramp(1_000_000);
-    vals[999_999] = f32::NAN;
-    big_a.3 = encode(&vals, DType::F32);
-    let [mut small_a, small_b] = pair("b.small", 2, 3, 4);
-    let mut vals = ramp(6);
-    vals[0] = f32::NAN;
-    small_a.3 = encode(&vals, DType::F32);
-    let dir = peft_dir(LORA_CONFIG, &[big_a, big_b, small_a, small_b]);
+    let [big_a, big_b] = pair("a.big", 2, 500_000, 4);
+    let [small_a, small_b] = pair("b.small", 2, 3, 4);
+    let dir = peft_dir(
+        LORA_CONFIG,
+        &[
+            poisoned(big_a, 999_999, f32::NAN),
+            big_b,
+            poisoned(small_a, 0, f32::NAN),
+            small_b,
+        ],
+    );
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
